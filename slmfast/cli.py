@@ -1,0 +1,65 @@
+"""The one command line: `python -m slmfast <command>` (also installed as `slmfast`).
+
+Commands: info (versions, build and backends). Each command is a small function that parses
+its own arguments; later commands (demo, distill, pretrain, memory, bench) plug in the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+from slmfast import backends
+from slmfast._version import __version__
+
+
+def info_dict() -> dict:
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "triton": backends.triton_version(),
+        "build": backends.build_info(),
+        "backends": {s.name: {"available": s.available, "reason": s.reason}
+                     for s in backends.all_status()},
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = info_dict()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"slmfast {info['version']}  (python {info['python']}, torch {info['torch']}, "
+          f"CUDA {info['cuda'] or 'none'}, triton {info['triton'] or 'not installed'})")
+    if info["gpu"]:
+        print(f"GPU: {info['gpu']}")
+    build = info["build"]
+    if build:
+        print("build: " + ", ".join(f"{k}={v}" for k, v in build.items()))
+    else:
+        print("build: slmfast._C is not built")
+    print(f"\n{'backend':<8} {'available':<10} reason")
+    for name, state in info["backends"].items():
+        print(f"{name:<8} {'yes' if state['available'] else 'no':<10} {state['reason']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slmfast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions, build info and available backends")
+    info.add_argument("--json", action="store_true", help="print the same as JSON")
+    info.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per op: its contract, plain-PyTorch reference, autograd wiring and dispatch."""

@@ -1,0 +1,144 @@
+"""rms_norm: RMSNorm with an optional fused residual add — contract, reference, autograd, dispatch.
+
+Math (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization"), in the pre-norm residual
+form of Llama-style blocks:
+    h = x + residual                    (h = x without a residual)
+    r = 1 / sqrt(mean(h**2, -1) + eps)  one value per row, accumulated in float32 (float64 for fp64)
+    y = h * r * (offset + weight)       offset=1.0 gives Gemma's (1 + w) weights
+Returns y, or (y, h) with a residual: h is the residual stream the next block adds to.
+
+Shapes: x and residual (..., H), contiguous (non-contiguous inputs are copied); weight (H,).
+Dtypes: x in float32, bfloat16, float16 or float64; residual in x's dtype; weight in x's dtype
+or float32 (fp32 master weights with bf16/fp16 activations). y and h in x's dtype.
+
+Saved for backward: h (x without a residual, which is an input anyway; with one, h is also the
+output the next layer consumes, so no new bytes), r (4 bytes per row; 8 for fp64) and weight (a
+parameter). Never y. The backward recomputes xhat = h * r:
+    g = dy * (offset + w);  dh = r * (g - xhat * mean(g * xhat)) + dh_out;  dw = sum(dy * xhat)
+dx and dresidual are both dh. New bytes saved per row of H elements: 4 (the r of that row).
+
+Backends: cuda (csrc/cuda/rms_norm.cu), triton (slmfast/triton/rms_norm.py; float32/bf16/fp16,
+H <= 65536), cpu (csrc/cpu/rms_norm.cpp), torch (rms_norm_reference below).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slmfast import backends
+from slmfast.ops import _checks
+
+OP = "rms_norm"
+IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
+
+
+def rms_norm_reference(x, weight, eps=1e-6, residual=None, offset=0.0):
+    """Plain PyTorch, the oracle of the tests when run in float64."""
+    h = x if residual is None else x + residual
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    hf = h.to(acc)
+    r = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+    y = (hf * r * (offset + weight.to(acc))).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+# ---- autograd wiring, shared by the C++ op (cpu/cuda) and the Triton op ---------------------
+
+def _fake_forward(x, weight, residual, eps, offset):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), h, x.new_empty(x.shape[:-1], dtype=acc)
+
+
+def _fake_backward(dy, dh, h, weight, rstd, offset):
+    return torch.empty_like(h), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, residual, _eps, offset = inputs
+    _y, h, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.offset = offset
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, dy, dh, _drstd):
+        saved, weight, rstd = ctx.saved_tensors
+        dh = dh.contiguous() if ctx.has_residual and dh is not None else None
+        dx, dweight = backward_op(dy.contiguous(), dh, saved, weight, rstd, ctx.offset)
+        return dx, dweight, (dx if ctx.has_residual else None), None, None
+
+    return backward
+
+
+def _register(forward_qualname: str, backward_op) -> None:
+    torch.library.register_fake(forward_qualname)(_fake_forward)
+    torch.library.register_autograd(forward_qualname, _make_backward(backward_op),
+                                    setup_context=_setup_context)
+
+
+if backends.extension() is not None:
+    torch.library.register_fake("slmfast::rms_norm_bwd")(_fake_backward)
+    _register("slmfast::rms_norm_fwd", torch.ops.slmfast.rms_norm_bwd)
+
+if backends.triton_version() is not None:
+    from slmfast.triton import rms_norm as _triton_kernels
+
+    @torch.library.custom_op("slmfast_triton::rms_norm_fwd", mutates_args=())
+    def _triton_forward(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
+                        eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton_kernels.rms_norm_fwd(x, weight, residual, eps, offset)
+
+    @torch.library.custom_op("slmfast_triton::rms_norm_bwd", mutates_args=())
+    def _triton_backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor,
+                         weight: torch.Tensor, rstd: torch.Tensor,
+                         offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return _triton_kernels.rms_norm_bwd(dy, dh, h, weight, rstd, offset)
+
+    _triton_backward.register_fake(_fake_backward)
+    _register("slmfast_triton::rms_norm_fwd", torch.ops.slmfast_triton.rms_norm_bwd)
+
+
+# ---- the public op ------------------------------------------------------------------------
+
+def _check(x, weight, residual, eps) -> torch.device:
+    _checks.check_float(OP, "x", x)
+    _checks.check_tensor(OP, "weight", weight)
+    device = _checks.check_same_device(OP, x=x, weight=weight, residual=residual)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{OP}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    _checks.check_shape(OP, "weight", weight, (x.shape[-1],), "the last dimension of x")
+    _checks.check_param_dtype(OP, "weight", weight, "x", x)
+    if residual is not None:
+        _checks.check_tensor(OP, "residual", residual)
+        _checks.check_shape(OP, "residual", residual, tuple(x.shape), "the shape of x")
+        _checks.check_same_dtype(OP, "residual", residual, "x", x)
+    if not eps >= 0:
+        raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
+    return device
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+             residual: torch.Tensor | None = None, offset: float = 0.0, *,
+             backend: str | None = None):
+    """RMSNorm of x (or of h = x + residual) over its last dimension; see the module docstring.
+
+    Returns y, or (y, h) when `residual` is given.
+    """
+    device = _check(x, weight, residual, eps)
+    name = backends.select(OP, IMPLEMENTED, device, backend)
+    if name == "triton":
+        if x.dtype == torch.float64:
+            name = backends.fallback(OP, name, "float64", IMPLEMENTED, device)
+        elif x.shape[-1] > _triton_kernels.MAX_COLS:
+            name = backends.fallback(OP, name, f"rows longer than {_triton_kernels.MAX_COLS}",
+                                     IMPLEMENTED, device)
+    if name == "torch":
+        return rms_norm_reference(x, weight, eps, residual, offset)
+    x = x.contiguous()
+    weight = weight.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    fwd = torch.ops.slmfast_triton.rms_norm_fwd if name == "triton" else torch.ops.slmfast.rms_norm_fwd
+    y, h, _rstd = fwd(x, weight, residual, float(eps), float(offset))
+    return y if residual is None else (y, h)
