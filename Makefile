@@ -28,8 +28,9 @@ $(VENV)/.installed: pyproject.toml setup.py | $(PY)
 
 install: $(VENV)/.installed build
 
+# flock: several shells (or helpers) building at once would share build/ and corrupt it.
 build: $(VENV)/.installed
-	$(PY) setup.py --quiet build_ext --inplace
+	mkdir -p build && flock build/.lock $(PY) setup.py --quiet build_ext --inplace
 
 test: install
 ifneq ($(NVCC),)
