@@ -1,0 +1,116 @@
+"""Selective recomputation for whole models: policies, a memory-budget planner and a report.
+
+    import slmfast.recompute as rc
+    rc.apply(model, "selective")                       # or "none" | "full" | "offload"
+    rc.apply(model, rc.MemoryBudget(0.5), batch=batch) # the planner: fit half the activations
+    print(rc.report(model, batch).table())
+    rc.remove(model)
+
+Policies are applied from outside to the model's repeated blocks (found automatically or named
+with `layers=`); the model's class and state_dict are untouched. See policies.py for what each
+policy keeps, planner.py for the budget algorithm and measure.py for how bytes are counted.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from slmfast.recompute.blocks import find_blocks
+from slmfast.recompute.measure import ActivationBytes, activation_bytes, step_times
+from slmfast.recompute.planner import PLANNED_POLICIES, MemoryBudget, Plan, solve
+from slmfast.recompute.policies import (
+    POLICIES,
+    block_policy,
+    clear_block_policy,
+    disable_kv_cache,
+    restore_kv_cache,
+    set_block_policy,
+)
+from slmfast.recompute.report import Report, report
+
+__all__ = ["POLICIES", "ActivationBytes", "MemoryBudget", "Plan", "Report", "apply", "find_blocks",
+           "plan", "policies_of", "remove", "report"]
+
+logger = logging.getLogger("slmfast.recompute")
+
+
+def policies_of(model: nn.Module, layers=None) -> list[str]:
+    return [block_policy(b) for b in find_blocks(model, layers)]
+
+
+def plan(model: nn.Module, budget: MemoryBudget, batch, *, layers=None, loss_fn=None) -> Plan:
+    """Measure the model on `batch` under each policy and solve for `budget` (planner.py)."""
+    blocks = find_blocks(model, layers)
+    previous = [block_policy(b) for b in blocks]
+    was_training = model.training
+    model.train()
+    measured_bytes: dict[str, ActivationBytes] = {}
+    measured_steps = {}
+    try:
+        disable_kv_cache(model)
+        for policy in PLANNED_POLICIES:
+            for block in blocks:
+                set_block_policy(block, policy)
+            measured_bytes[policy] = activation_bytes(model, blocks, batch, loss_fn)
+            measured_steps[policy] = step_times(model, blocks, batch, loss_fn)
+    finally:
+        for block, policy in zip(blocks, previous):
+            set_block_policy(block, policy) if policy != "none" else clear_block_policy(block)
+        model.train(was_training)
+    forward = measured_steps["none"].forward_per_block
+    total_forward = sum(forward) or 1.0
+    overhead = {p: max(0.0, measured_steps[p].step - measured_steps["none"].step) for p in PLANNED_POLICIES}
+    costs = [{p: seconds * overhead[p] / total_forward for p in PLANNED_POLICIES} for seconds in forward]
+    per_block = [{p: measured_bytes[p].per_block[i] for p in PLANNED_POLICIES} for i in range(len(blocks))]
+    outside = max(measured_bytes[p].outside for p in PLANNED_POLICIES)  # conservative
+    none_total = measured_bytes["none"].total
+    full_total = measured_bytes["full"].total
+    budget_bytes = budget.bytes(none_total)
+    policies, predicted, cost = solve(per_block, costs, outside, budget_bytes)
+    return Plan(policies, predicted, cost, budget_bytes, none_total, full_total)
+
+
+def apply(model: nn.Module, policy, *, layers=None, batch=None, loss_fn=None) -> nn.Module:
+    """Apply a recompute policy to every block: a name in POLICIES, a list of names (one per
+    block), or a MemoryBudget (then `batch` is required: the planner measures on it)."""
+    blocks = find_blocks(model, layers)
+    if isinstance(policy, MemoryBudget):
+        if batch is None:
+            raise ValueError("recompute.apply with a MemoryBudget needs batch= "
+                             "(one real batch to measure on)")
+        chosen = plan(model, policy, batch, layers=layers, loss_fn=loss_fn)
+        logger.info(chosen.summary())
+        model._slmfast_recompute_plan = chosen
+        policies = chosen.policies
+    elif isinstance(policy, str):
+        policies = [policy] * len(blocks)
+    else:
+        policies = list(policy)
+        if len(policies) != len(blocks):
+            raise ValueError(f"recompute.apply: {len(policies)} policies given for {len(blocks)} blocks")
+    for p in policies:
+        if p not in POLICIES:
+            raise ValueError(f"recompute policy must be one of {', '.join(POLICIES)} or a MemoryBudget, "
+                             f"got {p!r}")
+    for block, p in zip(blocks, policies):
+        if p == "none":
+            clear_block_policy(block)
+        else:
+            set_block_policy(block, p)
+    if any(p != "none" for p in policies):
+        disable_kv_cache(model)
+    else:
+        restore_kv_cache(model)
+    return model
+
+
+def remove(model: nn.Module, *, layers=None) -> nn.Module:
+    """Undo apply(): every block gets its own forward back."""
+    for block in find_blocks(model, layers):
+        clear_block_policy(block)
+    restore_kv_cache(model)
+    if hasattr(model, "_slmfast_recompute_plan"):
+        del model._slmfast_recompute_plan
+    return model
