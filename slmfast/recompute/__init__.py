@@ -61,8 +61,13 @@ def plan(model: nn.Module, budget: MemoryBudget, batch, *, layers=None, loss_fn=
         model.train(was_training)
     forward = measured_steps["none"].forward_per_block
     total_forward = sum(forward) or 1.0
+    # Selective recomputes a subset of what full recomputes: keep the measured overheads in that
+    # order (timing noise can invert them), and break ties towards recomputing less.
     overhead = {p: max(0.0, measured_steps[p].step - measured_steps["none"].step) for p in PLANNED_POLICIES}
-    costs = [{p: seconds * overhead[p] / total_forward for p in PLANNED_POLICIES} for seconds in forward]
+    overhead["none"] = 0.0
+    overhead["full"] = max(overhead["full"], overhead["selective"])
+    costs = [{p: seconds * overhead[p] / total_forward + 1e-9 * rank
+              for rank, p in enumerate(PLANNED_POLICIES)} for seconds in forward]
     per_block = [{p: measured_bytes[p].per_block[i] for p in PLANNED_POLICIES} for i in range(len(blocks))]
     outside = max(measured_bytes[p].outside for p in PLANNED_POLICIES)  # conservative
     none_total = measured_bytes["none"].total

@@ -5,7 +5,9 @@ Measurement (one real batch, slmfast/recompute/measure.py): for each policy P in
 (bytes[b][P]) and the bytes kept outside the blocks; the per-block forward times under "none"
 (t[b]); and the step time under each uniform policy. Recomputing block b under P costs
     cost[b][P] = t[b] * (step(P) - step(none)) / sum(t)
-i.e. the measured whole-model overhead of P, shared out in proportion to block forward time.
+i.e. the measured whole-model overhead of P, shared out in proportion to block forward time,
+kept in the order none <= selective <= full (selective recomputes a subset of full) with a
+1 ns tie-break per step of that order, so equal costs resolve to recomputing less.
 
 Choice (a multiple-choice knapsack): minimize sum_b cost[b][p_b] subject to
 sum_b bytes[b][p_b] + outside <= budget. Dynamic programming over the budget in U = 4096 units
