@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n auto   # pytest-xdist: one worker per core
 NVCC := $(shell command -v nvcc 2>/dev/null || ( [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc ))
 
 .PHONY: install build test demo cuda-check bench lint clean
@@ -47,7 +47,7 @@ cuda-check:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/cuda_check.py
 
 bench: install
-	$(PY) benchmarks/bench_rms_norm.py --table
+	$(PY) benchmarks/bench_rms_norm.py --table && $(PY) benchmarks/bench_swiglu.py --table && $(PY) benchmarks/bench_layer_norm.py --table && $(PY) benchmarks/bench_rotary.py --table
 
 lint: install
 	$(PY) -m ruff check slmfast tests benchmarks tools setup.py

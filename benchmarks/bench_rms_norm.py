@@ -1,6 +1,6 @@
 """RMSNorm (+ fused residual add) benchmark: slmfast against torch eager and torch.compile.
 
-Baselines, in the same process on the same inputs:
+Baselines, in the same process on the same inputs, timed in turns (benchmarks/interleaved.py):
   eager     the Hugging Face LlamaRMSNorm computation (upcast, mean of squares, rsqrt, cast,
             weight multiply), with the residual add written as a separate `x + residual`
   compiled  torch.compile of that same eager function
@@ -13,7 +13,6 @@ GB/s counting the fewest bytes each pass must move, and the bytes saved for back
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, print_table, time_fn  # noqa: E402
-from slmfast import backends  # noqa: E402
+from benchmarks.common import environment, layer_table_main, print_table  # noqa: E402
+from benchmarks.interleaved import copy_bandwidth, measure_passes, ratio_rows, saved_row  # noqa: E402
 from slmfast.functional import rms_norm  # noqa: E402
 
 EPS = 1e-6
@@ -64,40 +63,9 @@ def make_inputs(shape, dtype, device, requires_grad):
     return x, w, r
 
 
-def saved_bytes(fn, x, w, r) -> int:
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x, w, r)
-    return sum(storages.values())
-
-
-def measure(impl: str, shape, dtype, device) -> dict:
-    fn = IMPLS[impl]
+def measure(shape, dtype, device, reps) -> tuple[dict, dict]:
     x, w, r = make_inputs(shape, dtype, device, requires_grad=True)
-    gy, gh = torch.randn_like(x), torch.randn_like(x)
-
-    def forward():
-        with torch.no_grad():
-            fn(x, w, r)
-
-    def forward_backward():
-        y, h = fn(x, w, r)
-        torch.autograd.backward((y, h), (gy, gh))
-        x.grad = w.grad = r.grad = None
-
-    y, h = fn(x, w, r)
-
-    def backward():
-        torch.autograd.backward((y, h), (gy, gh), retain_graph=True)
-        x.grad = w.grad = r.grad = None
-
-    return {"fwd": time_fn(forward, device), "bwd": time_fn(backward, device),
-            "fwd+bwd": time_fn(forward_backward, device), "saved": saved_bytes(fn, x, w, r)}
+    return measure_passes(IMPLS, (x, w, r), (torch.randn_like(x), torch.randn_like(x)), device, reps)
 
 
 def min_bytes(shape, dtype) -> dict:
@@ -107,31 +75,16 @@ def min_bytes(shape, dtype) -> dict:
     return {"fwd": 4 * n, "bwd": 4 * n, "fwd+bwd": 8 * n}
 
 
-def run_table(device: str, quick: bool) -> None:
+def run_table(device: str, quick: bool, reps: int) -> None:
     print(environment(device))
-    shapes = SHAPES[:1] if quick else SHAPES
+    print(f"copy bandwidth (read + write): {copy_bandwidth(device) / 1e9:.1f} GB/s")
     rows = []
     for dtype in DTYPES:
-        for shape in shapes:
-            results = {impl: measure(impl, shape, dtype, device) for impl in IMPLS}
-            need = min_bytes(shape, dtype)
-            for mode in ("fwd", "bwd", "fwd+bwd"):
-                ours = results["slmfast"][mode]
-                rows.append({
-                    "dtype": str(dtype).replace("torch.", ""), "shape": f"{shape[0]}x{shape[1]}",
-                    "pass": mode, "slmfast ms": f"{ours * 1e3:.2f}",
-                    "eager ms": f"{results['eager'][mode] * 1e3:.2f}",
-                    "compiled ms": f"{results['compiled'][mode] * 1e3:.2f}",
-                    "vs eager": f"{ours / results['eager'][mode]:.2f}",
-                    "vs compiled": f"{ours / results['compiled'][mode]:.2f}",
-                    "GB/s": f"{need[mode] / ours / 1e9:.1f}",
-                })
-            rows.append({"dtype": str(dtype).replace("torch.", ""), "shape": f"{shape[0]}x{shape[1]}",
-                         "pass": "saved MB",
-                         "slmfast ms": f"{results['slmfast']['saved'] / 2**20:.1f}",
-                         "eager ms": f"{results['eager']['saved'] / 2**20:.1f}",
-                         "compiled ms": f"{results['compiled']['saved'] / 2**20:.1f}",
-                         "vs eager": f"{results['slmfast']['saved'] / results['eager']['saved']:.2f}"})
+        for shape in SHAPES[:1] if quick else SHAPES:
+            times, saved = measure(shape, dtype, device, reps)
+            label = {"dtype": str(dtype).replace("torch.", ""), "shape": f"{shape[0]}x{shape[1]}"}
+            rows += ratio_rows(label, times, min_bytes(shape, dtype))
+            rows.append(saved_row(label, saved))
     print_table(rows, ["dtype", "shape", "pass", "slmfast ms", "eager ms", "compiled ms", "vs eager",
                        "vs compiled", "GB/s"])
     print("(ratios are slmfast / baseline time: < 1 is faster; 'saved MB' rows compare bytes "
@@ -158,14 +111,7 @@ def test_rms_norm_fwd_bwd(benchmark, impl, dtype):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", action="store_true", help="print the comparison table")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="first shape only")
-    args = parser.parse_args()
-    print("backends: " + ", ".join(f"{s.name}={'yes' if s.available else 'no'}"
-                                   for s in backends.all_status()))
-    run_table(args.device, args.quick)
+    layer_table_main(__doc__, run_table)
 
 
 if __name__ == "__main__":

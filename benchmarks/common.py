@@ -70,3 +70,20 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def layer_table_main(doc: str, run_table) -> None:
+    """The command line shared by the layer benchmarks: --table [--device] [--quick] [--reps]."""
+    import argparse
+
+    from slmfast import backends
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--table", action="store_true", help="print the comparison table")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="first shape only")
+    parser.add_argument("--reps", type=int, default=15, help="timed reps per implementation and pass")
+    args = parser.parse_args()
+    print("backends: " + ", ".join(f"{s.name}={'yes' if s.available else 'no'}"
+                                   for s in backends.all_status()))
+    run_table(args.device, args.quick, args.reps)

@@ -41,6 +41,12 @@ if step "build (CUDA)" 300 build.log env MAX_JOBS="$(nproc)" SLMFAST_BUILD_CUDA=
   step "slmfast info" 60 info.txt "$PY" -m slmfast info
   step "pytest -m gpu" 240 pytest_gpu.log "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests
   step "bench rms_norm" 120 bench_rms_norm.txt "$PY" benchmarks/bench_rms_norm.py --table --device cuda
+  step "bench swiglu" 90 bench_swiglu.txt "$PY" benchmarks/bench_swiglu.py --table --device cuda --reps 10
+  step "bench layer_norm" 90 bench_layer_norm.txt "$PY" benchmarks/bench_layer_norm.py --table --device cuda --quick --reps 10
+  step "bench rotary" 90 bench_rotary.txt "$PY" benchmarks/bench_rotary.py --table --device cuda --quick --reps 10
+  step "bench attention (triton)" 180 bench_attention_triton.txt "$PY" benchmarks/bench_attention_triton.py --precompile
+  step "bench attention" 150 bench_attention.txt "$PY" benchmarks/bench_attention.py --table --device cuda --quick --reps 5
+  step "bench losses" 120 bench_losses.txt "$PY" benchmarks/bench_losses.py --table --device cuda --reps 3
 fi
 
 echo

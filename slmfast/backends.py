@@ -121,7 +121,7 @@ def runs_on(name: str, device: torch.device) -> bool:
     if name == "torch":
         return True
     if name == "cpu":
-        return device.type == "cpu"
+        return device.type in ("cpu", "meta")  # meta: the fake (shape-only) kernels, for memory plans
     if name == "cuda":
         return device.type == "cuda"
     if name == "triton":

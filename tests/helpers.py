@@ -74,3 +74,32 @@ def saved_tensor_bytes(fn, *args, **kwargs) -> tuple[int, object]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args, **kwargs)
     return sum(storages.values()), out
+
+
+def value_and_grads(fn, *inputs, grad_output: torch.Tensor | None = None):
+    """fn(*leaves) and the gradients of (output . grad_output) (of the output itself when it is a
+    scalar) w.r.t. every floating input that is not None, each leaf a fresh copy of its input."""
+    leaves = [t.detach().clone().requires_grad_(True)
+              if isinstance(t, torch.Tensor) and t.dtype.is_floating_point else t for t in inputs]
+    out = fn(*leaves)
+    weighted = out.double() * grad_output if grad_output is not None else out.double()
+    wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(weighted.sum(), wanted)
+    return out.detach(), list(grads)
+
+
+def saved_activation_bytes(fn, *args, params=(), **kwargs) -> tuple[int, object]:
+    """saved_tensor_bytes without the storages of `params` (a module's parameters, which the model
+    holds whether or not autograd saves them): the activation memory a layer costs for backward."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    return sum(storages.values()), out

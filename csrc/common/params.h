@@ -54,6 +54,94 @@ struct RmsNormBwdParams {
   DType weight_dtype;
 };
 
+// LayerNorm (slmfast/ops/layer_norm.py; CPU only, the GPU runs the Triton kernel):
+//   h = x + residual, mu = mean(h), r = 1 / sqrt(mean((h - mu)^2) + eps),
+//   y = (h - mu) * r * weight + bias.  Saved for backward: h (or x), mu and r per row.
+struct LayerNormFwdParams {
+  const void* x;         // (rows, cols), dtype x_dtype
+  const void* residual;  // (rows, cols) or nullptr
+  const void* weight;    // (cols,), dtype weight_dtype
+  const void* bias;      // (cols,), dtype weight_dtype, or nullptr
+  void* y;               // (rows, cols)
+  void* h;               // (rows, cols) when residual != nullptr, else nullptr
+  void* mean;            // (rows,) accumulation dtype
+  void* rstd;            // (rows,) accumulation dtype
+  int64_t rows;
+  int64_t cols;
+  double eps;
+  DType x_dtype;
+  DType weight_dtype;
+};
+
+// xhat = (h - mu) * r, g = dy * weight:
+//   dh_total = r * (g - mean(g) - xhat * mean(g * xhat)) + dh_in,
+//   dweight = sum_rows(dy * xhat), dbias = sum_rows(dy)  (per row block, then over blocks).
+struct LayerNormBwdParams {
+  const void* dy;        // (rows, cols)
+  const void* dh_in;     // (rows, cols) or nullptr
+  const void* h;         // (rows, cols)
+  const void* weight;    // (cols,)
+  const void* mean;      // (rows,) accumulation dtype
+  const void* rstd;      // (rows,) accumulation dtype
+  void* dx;              // (rows, cols)
+  void* partial;         // (num_row_blocks, 2, cols) accumulation dtype: dweight, dbias partials
+  void* dweight;         // (cols,), weight dtype
+  void* dbias;           // (cols,), weight dtype
+  int64_t rows;
+  int64_t cols;
+  int64_t num_row_blocks;
+  DType x_dtype;
+  DType weight_dtype;
+};
+
+// Gated linear units (slmfast/ops/swiglu.py): out = act(gate) * up, elementwise over n
+// contiguous elements. act: silu (SwiGLU), gelu with erf or tanh (GeGLU). Saved for backward:
+// gate and up; the backward recomputes act(gate) and act'(gate), and optionally out itself
+// (for the weight gradient of the projection that consumed it, which then need not store it).
+enum class GluActivation : int32_t { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+struct GluParams {
+  const void* gate;   // (n,)
+  const void* up;     // (n,)
+  const void* dout;   // (n,) backward only, else nullptr
+  void* out;          // forward: act(gate) * up; backward: the same recomputed, or nullptr
+  void* dgate;        // (n,) backward only
+  void* dup;          // (n,) backward only
+  int64_t n;
+  GluActivation activation;
+  DType dtype;        // of every tensor; accumulation in float (double for fp64)
+};
+
+// Rotary position embedding (slmfast/ops/rotary.py) on q and k viewed as (B, H, T, D) with any
+// strides but a contiguous last dimension, cos/sin as (B or 1, T, R), R <= D even, holding
+// cos(theta_i) and sin(theta_i) in columns i and i + R/2 (the Hugging Face layout; only the
+// first R/2 columns are read). Pairs (i, i + R/2) (half-split) or (2i, 2i + 1) (interleaved)
+// rotate by theta_i; with conjugate, by -theta_i (the inverse, which is the backward). Features
+// R..D are copied unchanged (untouched in place).
+struct RotaryParams {
+  const void* q;
+  const void* k;
+  void* q_out;              // may equal q (in place)
+  void* k_out;              // may equal k
+  const void* cos;
+  const void* sin;
+  int64_t batch;
+  int64_t seqlen;
+  int64_t q_heads;
+  int64_t k_heads;
+  int64_t head_dim;
+  int64_t rotary_dim;
+  int64_t q_stride[3];      // element strides of q over (batch, head, token)
+  int64_t k_stride[3];
+  int64_t q_out_stride[3];
+  int64_t k_out_stride[3];
+  int64_t cs_stride[2];     // element strides of cos and sin over (batch, token); batch 0 if shared
+  bool interleaved;
+  bool conjugate;
+  DType dtype;              // of q, k and the outputs
+  DType cs_dtype;           // of cos and sin: float32 or dtype
+};
+
 // Attention (slmfast/ops/attention.py), FlashAttention-2 style, shared by the CPU kernel
 // (csrc/cpu/attention.cpp) and the CUDA kernels (csrc/cuda/attention_fwd.cu, attention_bwd.cu).
 // Two layouts, one struct:
@@ -108,12 +196,53 @@ struct AttentionBwdParams : AttentionParams {
   bool deterministic;  // no atomics: dQ in its own pass
 };
 
+// Row-wise softmax cross-entropy (slmfast/ops/cross_entropy.py), one row of `cols` logits per
+// token, shared by csrc/cpu/cross_entropy.cpp and csrc/cuda/cross_entropy.cu. With z = the logits
+// (z = softcap * tanh(a / softcap) of the raw logits a when softcap > 0), eps = label_smoothing:
+//   m = max_j z_j, r = log sum_j exp(z_j - m), lse = m + r
+//   loss = (1 - eps)(m - z_y) + eps (m - mean_j z_j) + r + z_loss * lse^2
+//   dloss/da_j = scale * (softmax(z)_j (1 + 2 z_loss lse) - eps / cols - (1 - eps) [j == y])
+//                * (softcap > 0 ? 1 - (z_j / softcap)^2 : 1),   softmax(z)_j = exp((z_j - m) - r)
+// The per-row stats are (m, r), not lse alone: exp(z - lse) with a float32 lse of a row of large
+// logits (lse ~ 30) would lose ~4 bits of every probability, where (z - m) - r keeps them, as
+// log_softmax does. Rows whose target is ignore_index get loss 0, stats 0 and a zero gradient.
+// Modes: forward (loss, stats), backward (stats given, gradient), and both at once (the fused
+// path of the chunked linear cross-entropy, usually with dlogits == logits: in place).
+struct CrossEntropyParams {
+  const void* logits;            // (rows, cols), last dim contiguous, row stride logits_row_stride
+  void* dlogits;                 // (rows, cols) or nullptr (no gradient); may equal logits
+  const int64_t* target;         // (rows,)
+  const void* grad_scale;        // accumulation dtype, rows values (stride 1) or one (stride 0)
+  void* loss;                    // (rows,) accumulation dtype, or nullptr (backward)
+  void* stats;                   // (rows, 2) accumulation dtype (m, r): written, or read when stats_is_input
+  int64_t rows;
+  int64_t cols;
+  int64_t logits_row_stride;
+  int64_t dlogits_row_stride;
+  int64_t grad_scale_stride;     // 0: one scale for every row
+  int64_t ignore_index;
+  double label_smoothing;
+  double z_loss;
+  double softcap;                // <= 0: none
+  bool stats_is_input;           // backward: stats come from the forward
+  DType dtype;                   // of logits and dlogits; accumulation in float (double for fp64)
+};
+
 // Launchers, implemented in csrc/cuda/*.cu. `stream` is a cudaStream_t passed as void* so that
 // this header stays free of CUDA types.
 void rms_norm_fwd_cuda(const RmsNormFwdParams& params, void* stream);
 void rms_norm_bwd_cuda(const RmsNormBwdParams& params, void* stream);
 int64_t rms_norm_bwd_num_row_blocks(int64_t rows, int64_t cols);
+void glu_fwd_cuda(const GluParams& params, void* stream);
+void glu_bwd_cuda(const GluParams& params, void* stream);
+void rotary_cuda(const RotaryParams& params, void* stream);
 void attention_fwd_cuda(const AttentionParams& params, void* stream);
 void attention_bwd_cuda(const AttentionBwdParams& params, void* stream);
+// Why the CUDA attention kernels cannot run these params (dtype other than bf16/fp16, head dim,
+// alignment, GPU), or nullptr when they can. The launchers throw std::invalid_argument with the
+// same reason; the bindings ask first and raise NotImplementedError, for the op to fall back.
+const char* attention_fwd_cuda_unsupported(const AttentionParams& params);
+const char* attention_bwd_cuda_unsupported(const AttentionBwdParams& params);
+void cross_entropy_cuda(const CrossEntropyParams& params, void* stream);
 
 }  // namespace slmfast

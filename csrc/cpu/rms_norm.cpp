@@ -4,10 +4,13 @@
 // pre-norm residual form every Llama-style block uses:
 //   h = x + residual,  r = 1 / sqrt(mean(h^2) + eps),  y = h * r * (offset + w)
 // The forward writes y, h and one r per row; backward recomputes xhat = h * r from h and r, so y
-// is never saved (DESIGN.md §2). Rows run in parallel with at::parallel_for; each row is a few
-// vectorized passes over cache-resident data, accumulating in at::opmath_type (fp32 for
-// bf16/fp16, fp64 for fp64). dweight is reduced over fixed row blocks, then over blocks in
-// order, so it is bit-identical whatever the thread count.
+// is never saved (DESIGN.md §2). Rows run in parallel with at::parallel_for. The forward reads
+// each row from memory once: one pass forms h and its sum of squares together, the second
+// (y) re-reads h from L1/L2; the backward likewise (a dot product, then dx). Full steps move
+// 32 bf16/fp16 elements per load/store (rowwise.h), accumulating in at::opmath_type (fp32 for
+// bf16/fp16, fp64 for fp64); fresh outputs are backed by huge pages (alloc.h), which on these
+// machines costs less than half the page faults of 4 KiB pages. dweight is reduced over fixed
+// row blocks, then over blocks in order, so it is bit-identical whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -17,6 +20,8 @@
 #include <vector>
 
 #include "../common/rms_norm_args.h"
+#include "alloc.h"
+#include "rowwise.h"
 #include "vec.h"
 
 namespace slmfast::cpu {
@@ -39,44 +44,54 @@ void rms_norm_fwd_kernel(const RmsNormFwdParams& p) {
   constexpr int64_t kW = Vec::size();
   const int64_t cols = p.cols;
   const auto wp = shifted_weight<T, W>(static_cast<const W*>(p.weight), cols, p.offset);
+  const Acc* w = wp.data();
   const T* x = static_cast<const T*>(p.x);
   const T* res = static_cast<const T*>(p.residual);
   T* y = static_cast<T*>(p.y);
   T* h_out = static_cast<T*>(p.h);
   Acc* rstd = static_cast<Acc*>(p.rstd);
-  const int64_t grain = std::max<int64_t>(1, 16384 / cols);
 
-  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.rows, row_grain(cols, sizeof(T)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* xr = x + i * cols;
-      const T* h = xr;
-      if (res != nullptr) {
-        // h = x + residual, rounded to T: the stored h is what backward sees, so the
-        // statistics below are taken from the rounded values too.
-        const T* rr = res + i * cols;
-        T* hr = h_out + i * cols;
-        for (int64_t j = 0; j < cols; j += kW) {
-          const int64_t n = std::min(kW, cols - j);
-          store_acc<T>(hr + j, load_acc<T>(xr + j, n) + load_acc<T>(rr + j, n), n);
+      const T* rr = res != nullptr ? res + i * cols : nullptr;
+      T* hr = res != nullptr ? h_out + i * cols : nullptr;
+      const T* h = res != nullptr ? hr : xr;
+      // Pass 1 over the row: h = x + residual, stored rounded to T (the stored h is what
+      // backward sees, so the statistics use the rounded values too), and the sum of squares.
+      // The same additions in the same order with or without a residual, so that rms_norm(h)
+      // reproduces the r of rms_norm(x, residual) bit for bit (norm_linear's recompute).
+      Vec ss0(Acc(0)), ss1(Acc(0));
+      for_row<T>(cols, [&](int64_t j) {
+        Vec a, b;
+        load2<T>(xr + j, a, b);
+        if (rr != nullptr) {
+          Vec c, d;
+          load2<T>(rr + j, c, d);
+          a = a + c;
+          b = b + d;
+          store2_rounded<T>(hr + j, a, b);
         }
-        h = hr;
-      }
-      Vec sumsq(Acc(0));
-      for (int64_t j = 0; j < cols; j += kW) {
-        const int64_t n = std::min(kW, cols - j);
-        const Vec v = load_acc<T>(h + j, n);  // zero beyond n
-        sumsq = at::vec::fmadd(v, v, sumsq);
-      }
-      const Acc ss = at::vec::vec_reduce_all<Acc>([](const Vec& a, const Vec& b) { return a + b; }, sumsq);
-      const Acc r = Acc(1) / std::sqrt(ss / Acc(cols) + Acc(p.eps));
+        ss0 = at::vec::fmadd(a, a, ss0);
+        ss1 = at::vec::fmadd(b, b, ss1);
+      }, [&](int64_t j, int64_t n) {
+        Vec v = load_acc<T>(xr + j, n);  // zero beyond n
+        if (rr != nullptr) v = store_rounded<T>(hr + j, v + load_acc<T>(rr + j, n), n);
+        ss0 = at::vec::fmadd(v, v, ss0);
+      });
+      const Acc r = Acc(1) / std::sqrt(reduce_sum(ss0 + ss1) / Acc(cols) + Acc(p.eps));
       rstd[i] = r;
+      // Pass 2: y = h * r * (offset + w), re-reading h from L1/L2 (one row is at most a few
+      // tens of KiB), so main memory sees each element once.
       const Vec rv(r);
       T* yr = y + i * cols;
-      for (int64_t j = 0; j < cols; j += kW) {
-        const int64_t n = std::min(kW, cols - j);
-        const Vec w = Vec::loadu(wp.data() + j, n);
-        store_acc<T>(yr + j, load_acc<T>(h + j, n) * rv * w, n);
-      }
+      for_row<T>(cols, [&](int64_t j) {
+        Vec a, b;
+        load2<T>(h + j, a, b);
+        store2<T>(yr + j, a * rv * Vec::loadu(w + j), b * rv * Vec::loadu(w + j + kW));
+      }, [&](int64_t j, int64_t n) {
+        store_acc<T>(yr + j, load_acc<T>(h + j, n) * rv * Vec::loadu(w + j, n), n);
+      });
     }
   });
 }
@@ -89,6 +104,7 @@ void rms_norm_bwd_kernel(const RmsNormBwdParams& p) {
   const int64_t cols = p.cols;
   const int64_t rows = p.rows;
   const auto wp = shifted_weight<T, W>(static_cast<const W*>(p.weight), cols, p.offset);
+  const Acc* w = wp.data();
   const T* dy = static_cast<const T*>(p.dy);
   const T* dh_in = static_cast<const T*>(p.dh_in);
   const T* h = static_cast<const T*>(p.h);
@@ -100,37 +116,52 @@ void rms_norm_bwd_kernel(const RmsNormBwdParams& p) {
 
   // Pass 1: per row block, dx rows and the block's partial dweight.
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      Acc* pw = partial + b * cols;
+    for (int64_t blk = b_begin; blk < b_end; ++blk) {
+      Acc* pw = partial + blk * cols;
       std::fill(pw, pw + cols, Acc(0));
-      const int64_t r_end = std::min(rows, (b + 1) * rows_per_block);
-      for (int64_t i = b * rows_per_block; i < r_end; ++i) {
+      const int64_t r_end = std::min(rows, (blk + 1) * rows_per_block);
+      for (int64_t i = blk * rows_per_block; i < r_end; ++i) {
         const T* dyr = dy + i * cols;
         const T* hr = h + i * cols;
         const Vec rv(rstd[i]);
         // c = mean(g * xhat) with g = dy * (offset + w), xhat = h * r.
-        Vec dot(Acc(0));
-        for (int64_t j = 0; j < cols; j += kW) {
-          const int64_t n = std::min(kW, cols - j);
-          const Vec g = load_acc<T>(dyr + j, n) * Vec::loadu(wp.data() + j, n);
-          dot = at::vec::fmadd(g, load_acc<T>(hr + j, n) * rv, dot);
-        }
-        const Acc c = at::vec::vec_reduce_all<Acc>([](const Vec& a, const Vec& b) { return a + b; }, dot) /
-                      Acc(cols);
-        const Vec cv(c);
+        Vec dot0(Acc(0)), dot1(Acc(0));
+        for_row<T>(cols, [&](int64_t j) {
+          Vec d0, d1, h0, h1;
+          load2<T>(dyr + j, d0, d1);
+          load2<T>(hr + j, h0, h1);
+          dot0 = at::vec::fmadd(d0 * Vec::loadu(w + j), h0 * rv, dot0);
+          dot1 = at::vec::fmadd(d1 * Vec::loadu(w + j + kW), h1 * rv, dot1);
+        }, [&](int64_t j, int64_t n) {
+          dot0 = at::vec::fmadd(load_acc<T>(dyr + j, n) * Vec::loadu(w + j, n), load_acc<T>(hr + j, n) * rv, dot0);
+        });
+        const Vec cv(reduce_sum(dot0 + dot1) / Acc(cols));
+        // Pass 2 (cached row): dx = r (g - xhat c) + dh, and dweight += dy * xhat.
         T* dxr = dx + i * cols;
         const T* dhr = dh_in != nullptr ? dh_in + i * cols : nullptr;
-        for (int64_t j = 0; j < cols; j += kW) {
-          const int64_t n = std::min(kW, cols - j);
-          const Vec d = load_acc<T>(dyr + j, n);
-          const Vec xhat = load_acc<T>(hr + j, n) * rv;
-          const Vec g = d * Vec::loadu(wp.data() + j, n);
-          Vec out = rv * (g - xhat * cv);
-          if (dhr != nullptr) out = out + load_acc<T>(dhr + j, n);
-          store_acc<T>(dxr + j, out, n);
-          const Vec acc = at::vec::fmadd(d, xhat, Vec::loadu(pw + j, n));
-          acc.store(pw + j, n);
-        }
+        auto grad = [&](const Vec& d, const Vec& hv, const Vec& wv, Acc* pwj, int64_t n) {
+          const Vec xhat = hv * rv;
+          at::vec::fmadd(d, xhat, Vec::loadu(pwj, n)).store(pwj, n);
+          return rv * (d * wv - xhat * cv);
+        };
+        for_row<T>(cols, [&](int64_t j) {
+          Vec d0, d1, h0, h1;
+          load2<T>(dyr + j, d0, d1);
+          load2<T>(hr + j, h0, h1);
+          Vec o0 = grad(d0, h0, Vec::loadu(w + j), pw + j, kW);
+          Vec o1 = grad(d1, h1, Vec::loadu(w + j + kW), pw + j + kW, kW);
+          if (dhr != nullptr) {
+            Vec e0, e1;
+            load2<T>(dhr + j, e0, e1);
+            o0 = o0 + e0;
+            o1 = o1 + e1;
+          }
+          store2<T>(dxr + j, o0, o1);
+        }, [&](int64_t j, int64_t n) {
+          Vec o = grad(load_acc<T>(dyr + j, n), load_acc<T>(hr + j, n), Vec::loadu(w + j, n), pw + j, n);
+          if (dhr != nullptr) o = o + load_acc<T>(dhr + j, n);
+          store_acc<T>(dxr + j, o, n);
+        });
       }
     }
   });
@@ -144,13 +175,6 @@ void rms_norm_bwd_kernel(const RmsNormBwdParams& p) {
       dweight[j] = static_cast<W>(s);
     }
   });
-}
-
-// Row blocks for the dweight reduction: a function of the row count only, so that results do
-// not depend on the number of threads. At most 64 blocks of at least 128 rows.
-int64_t num_row_blocks(int64_t rows) {
-  const int64_t per_block = std::max<int64_t>(128, (rows + 63) / 64);
-  return std::max<int64_t>(1, (rows + per_block - 1) / per_block);
 }
 
 template <typename T, typename W>
@@ -182,6 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd_cpu(
     double eps, double offset) {
   RmsNormFwdParams p{};
   auto outputs = rms_norm_fwd_prepare("rms_norm_fwd", x, weight, residual, eps, offset, p);
+  advise_huge_pages(std::get<0>(outputs));  // y and h are fresh: see alloc.h
+  advise_huge_pages(std::get<1>(outputs));
   if (p.rows > 0) {
     dispatch_rms_norm<FwdKernel>(x.scalar_type(), weight.scalar_type(), p);
   }
@@ -194,7 +220,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(
   RmsNormBwdParams p{};
   const int64_t rows = h.size(-1) > 0 ? h.numel() / h.size(-1) : 0;
   auto [dx, dweight, workspace] =
-      rms_norm_bwd_prepare("rms_norm_bwd", dy, dh, h, weight, rstd, offset, num_row_blocks(rows), p);
+      rms_norm_bwd_prepare("rms_norm_bwd", dy, dh, h, weight, rstd, offset, weight_grad_row_blocks(rows), p);
+  advise_huge_pages(dx);
   if (p.rows > 0) {
     dispatch_rms_norm<BwdKernel>(h.scalar_type(), weight.scalar_type(), p);
   } else {

@@ -42,6 +42,38 @@ def rms_norm_reference(x, weight, eps=1e-6, residual=None, offset=0.0):
     return y if residual is None else (y, h)
 
 
+def rms_norm_reference_forward(x, weight, residual, eps, offset):
+    """The kernels' forward contract in plain PyTorch: (y, h or empty, rstd)."""
+    h = x if residual is None else x + residual
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    hf = h.to(acc)
+    rstd = torch.rsqrt(hf.pow(2).mean(-1) + eps)  # (...)
+    y = (hf * rstd.unsqueeze(-1) * (offset + weight.to(acc))).to(x.dtype)
+    return y, (h if residual is not None else x.new_empty(0)), rstd
+
+
+def rms_norm_reference_backward(dy, dh, h, weight, rstd, offset):
+    """The kernels' backward contract in plain PyTorch: (dx, dweight) from h and rstd."""
+    acc = rstd.dtype
+    xhat = h.to(acc) * rstd.unsqueeze(-1)  # (..., H)
+    g = dy.to(acc) * (offset + weight.to(acc))
+    dx = rstd.unsqueeze(-1) * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    if dh is not None:
+        dx = dx + dh.to(acc)
+    dweight = (dy.to(acc) * xhat).reshape(-1, h.shape[-1]).sum(0)
+    return dx.to(h.dtype), dweight.to(weight.dtype)
+
+
+def kernels(name: str):
+    """(forward, backward) of a backend without autograd, for fused layers built on this op
+    (slmfast/ops/norm_linear.py): forward(x, weight, residual, eps, offset) -> (y, h, rstd),
+    backward(dy, dh, h, weight, rstd, offset) -> (dx, dweight); inputs contiguous."""
+    if name == "torch":
+        return rms_norm_reference_forward, rms_norm_reference_backward
+    ns = torch.ops.slmfast_triton if name == "triton" else torch.ops.slmfast
+    return ns.rms_norm_fwd, ns.rms_norm_bwd
+
+
 # ---- autograd wiring, shared by the C++ op (cpu/cuda) and the Triton op ---------------------
 
 def _fake_forward(x, weight, residual, eps, offset):
@@ -102,21 +134,33 @@ if backends.triton_version() is not None:
 
 # ---- the public op ------------------------------------------------------------------------
 
-def _check(x, weight, residual, eps) -> torch.device:
-    _checks.check_float(OP, "x", x)
-    _checks.check_tensor(OP, "weight", weight)
-    device = _checks.check_same_device(OP, x=x, weight=weight, residual=residual)
+def check_inputs(x, weight, residual, eps, op: str = OP) -> torch.device:
+    _checks.check_float(op, "x", x)
+    _checks.check_tensor(op, "weight", weight)
+    device = _checks.check_same_device(op, x=x, weight=weight, residual=residual)
     if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{OP}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
-    _checks.check_shape(OP, "weight", weight, (x.shape[-1],), "the last dimension of x")
-    _checks.check_param_dtype(OP, "weight", weight, "x", x)
+        raise ValueError(f"{op}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    _checks.check_shape(op, "weight", weight, (x.shape[-1],), "the last dimension of x")
+    _checks.check_param_dtype(op, "weight", weight, "x", x)
     if residual is not None:
-        _checks.check_tensor(OP, "residual", residual)
-        _checks.check_shape(OP, "residual", residual, tuple(x.shape), "the shape of x")
-        _checks.check_same_dtype(OP, "residual", residual, "x", x)
+        _checks.check_tensor(op, "residual", residual)
+        _checks.check_shape(op, "residual", residual, tuple(x.shape), "the shape of x")
+        _checks.check_same_dtype(op, "residual", residual, "x", x)
     if not eps >= 0:
-        raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
     return device
+
+
+def select_backend(x: torch.Tensor, device: torch.device, backend: str | None, op: str = OP) -> str:
+    """The backend for this call, with the Triton kernels' limits applied (fp64, row length)."""
+    name = backends.select(op, IMPLEMENTED, device, backend)
+    if name == "triton":
+        if x.dtype == torch.float64:
+            name = backends.fallback(op, name, "float64", IMPLEMENTED, device)
+        elif x.shape[-1] > _triton_kernels.MAX_COLS:
+            name = backends.fallback(op, name, f"rows longer than {_triton_kernels.MAX_COLS}",
+                                     IMPLEMENTED, device)
+    return name
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
@@ -126,14 +170,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
 
     Returns y, or (y, h) when `residual` is given.
     """
-    device = _check(x, weight, residual, eps)
-    name = backends.select(OP, IMPLEMENTED, device, backend)
-    if name == "triton":
-        if x.dtype == torch.float64:
-            name = backends.fallback(OP, name, "float64", IMPLEMENTED, device)
-        elif x.shape[-1] > _triton_kernels.MAX_COLS:
-            name = backends.fallback(OP, name, f"rows longer than {_triton_kernels.MAX_COLS}",
-                                     IMPLEMENTED, device)
+    device = check_inputs(x, weight, residual, eps)
+    name = select_backend(x, device, backend)
     if name == "torch":
         return rms_norm_reference(x, weight, eps, residual, offset)
     x = x.contiguous()

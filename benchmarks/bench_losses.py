@@ -1,0 +1,236 @@
+"""Memory-lean losses: peak memory and fwd+bwd time against the unfused PyTorch computation.
+
+Variants, on the same inputs (hidden states and LM-head weights in --dtype, bf16 by default):
+  lce             slmfast.functional.linear_cross_entropy (chunked, gradients in the forward)
+  lce_unfused     logits = hidden @ W.T, then F.cross_entropy(logits.float(), target)
+  distill         slmfast.functional.distill_loss (forward KL, T = 2, teacher of the same size)
+  distill_unfused student and teacher logits in full, log_softmax(.float() / T), F.kl_div, * T^2
+Each is a full training step's loss part: forward, backward into hidden and W (the teacher has
+no gradient).
+
+Peak memory:
+  cpu   one fresh child process per variant (python bench_losses.py --child ...); the figure is
+        its peak resident set size, VmHWM from /proc/self/status (the same as getrusage's
+        ru_maxrss of that child), and the part above the RSS measured after `import torch,
+        slmfast` and before the inputs exist ("above import": inputs + everything the step
+        allocates; the analogue of a GPU's max_memory_allocated).
+  cuda  torch.cuda.max_memory_allocated over the step, inputs included, in this process.
+Time: median wall time of fwd+bwd after a warm-up step (benchmarks.common.time_fn).
+
+    python benchmarks/bench_losses.py --table [--device cuda] [--vocab 32768 151936] [--dtype bf16]
+    pytest benchmarks/bench_losses.py --benchmark-only        (small shapes, pytest-benchmark)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import environment, print_table, sync  # noqa: E402
+from slmfast.functional import distill_loss, linear_cross_entropy  # noqa: E402
+
+VARIANTS = ("lce", "lce_unfused", "distill", "distill_unfused")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+TEMPERATURE = 2.0
+
+
+def make_inputs(n, h, v, dtype, device, teacher=True, seed=0):
+    """Student hidden/weight (requiring grad), teacher hidden/weight (None unless teacher), target."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(device=device, dtype=dtype).requires_grad_()
+    teacher_hidden = torch.randn(n, h, generator=g).to(device=device, dtype=dtype) if teacher else None
+    teacher_weight = ((torch.randn(v, h, generator=g) / h ** 0.5).to(device=device, dtype=dtype)
+                      if teacher else None)
+    target = torch.randint(0, v, (n,), generator=g).to(device)
+    target[::17] = -100
+    return hidden, weight, teacher_hidden, teacher_weight, target
+
+
+def step_fn(variant, hidden, weight, teacher_hidden, teacher_weight, target):
+    """One forward + backward of the variant; returns the loss."""
+    if variant == "lce":
+        loss = linear_cross_entropy(hidden, weight, target)
+    elif variant == "lce_unfused":
+        loss = F.cross_entropy((hidden @ weight.t()).float(), target)
+    elif variant == "distill":
+        loss = distill_loss(hidden, weight, teacher_hidden, teacher_weight, target, kind="forward_kl",
+                            temperature=TEMPERATURE)
+    elif variant == "distill_unfused":
+        student = (hidden @ weight.t()).float()
+        with torch.no_grad():
+            teacher = F.log_softmax((teacher_hidden @ teacher_weight.t()).float() / TEMPERATURE, -1)
+        rows = F.kl_div(F.log_softmax(student / TEMPERATURE, -1), teacher, log_target=True,
+                        reduction="none").sum(-1)
+        valid = target != -100
+        loss = (rows * valid).sum() / valid.sum() * TEMPERATURE ** 2
+    else:
+        raise ValueError(variant)
+    loss.backward()
+    hidden.grad = weight.grad = None
+    return loss.detach()
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(args) -> None:
+    """Runs one variant in this fresh process and prints one JSON line."""
+    base_kib = _status_kib("VmRSS")
+    inputs = make_inputs(args.n, args.hidden, args.vocab_one, DTYPES[args.dtype], "cpu",
+                         teacher=args.variant.startswith("distill"))
+    t0 = time.perf_counter()
+    step_fn(args.variant, *inputs)  # warm-up
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        step_fn(args.variant, *inputs)
+        times.append(time.perf_counter() - t0)
+    peak_kib = _status_kib("VmHWM")
+    times.sort()
+    print(json.dumps({"variant": args.variant, "time_s": times[len(times) // 2], "warmup_s": warm,
+                      "peak_mib": peak_kib / 1024, "above_import_mib": (peak_kib - base_kib) / 1024}))
+
+
+def unfused_estimate_gib(n, v, dtype) -> float:
+    """Rough peak of the unfused variants: logits in dtype, their fp32 copy, log-softmax, grads."""
+    elem = torch.finfo(DTYPES[dtype]).bits // 8
+    return n * v * (elem + 4 * 4) / 2 ** 30
+
+
+def available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2 ** 20
+    return float("inf")
+
+
+def run_cpu(args, vocab) -> dict:
+    results = {}
+    for variant in args.variants:
+        need = unfused_estimate_gib(args.n, vocab, args.dtype)
+        if variant.endswith("unfused") and need > 0.6 * available_gib():
+            results[variant] = {"skipped": f"needs ~{need:.0f} GiB, {available_gib():.0f} GiB available"}
+            continue
+        cmd = [sys.executable, __file__, "--child", "--variant", variant, "--n", str(args.n), "--hidden",
+               str(args.hidden), "--vocab-one", str(vocab), "--dtype", args.dtype, "--reps", str(args.reps)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+        if out.returncode != 0:
+            results[variant] = {"skipped": f"child failed: {out.stderr.strip().splitlines()[-1:]}"}
+            continue
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def run_cuda(args, vocab) -> dict:
+    results = {}
+    for variant in args.variants:
+        torch.cuda.empty_cache()
+        inputs = make_inputs(args.n, args.hidden, vocab, DTYPES[args.dtype], "cuda",
+                             teacher=variant.startswith("distill"))
+        step_fn(variant, *inputs)  # warm-up (and Triton compilation)
+        sync("cuda")
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            step_fn(variant, *inputs)
+            sync("cuda")
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        results[variant] = {"variant": variant, "time_s": times[len(times) // 2],
+                            "peak_mib": torch.cuda.max_memory_allocated() / 2 ** 20}
+        results[variant]["above_import_mib"] = results[variant]["peak_mib"]
+        del inputs
+    return results
+
+
+def run_table(args) -> None:
+    print(environment(args.device))
+    method = ("peak RSS (VmHWM) of a fresh child process per variant; 'above import' subtracts the RSS "
+              "after importing torch+slmfast" if args.device == "cpu" else "torch.cuda.max_memory_allocated")
+    print(f"memory: {method}; time: median of {args.reps} fwd+bwd steps after one warm-up")
+    rows = []
+    for vocab in args.vocab:
+        res = run_cpu(args, vocab) if args.device == "cpu" else run_cuda(args, vocab)
+        for ours, base in (("lce", "lce_unfused"), ("distill", "distill_unfused")):
+            for name in (ours, base):
+                r = res.get(name)
+                if r is None:
+                    continue
+                row = {"variant": name, "pass": "fwd+bwd", "N x H x V": f"{args.n}x{args.hidden}x{vocab}",
+                       "dtype": args.dtype}
+                if "skipped" in r:
+                    row["time s"] = "skipped: " + r["skipped"]
+                    rows.append(row)
+                    continue
+                row.update({"time s": f"{r['time_s']:.3f}", "peak MiB": f"{r['peak_mib']:.0f}",
+                            "above import MiB": f"{r['above_import_mib']:.0f}"})
+                b = res.get(base)
+                if name == ours and b is not None and "skipped" not in b:
+                    row["time ratio"] = f"{r['time_s'] / b['time_s']:.2f}"
+                    row["peak ratio"] = f"{r['peak_mib'] / b['peak_mib']:.3f}"
+                    row["above-import ratio"] = f"{r['above_import_mib'] / b['above_import_mib']:.3f}"
+                rows.append(row)
+    columns = ["variant", "pass", "N x H x V", "dtype", "time s", "peak MiB", "above import MiB",
+               "time ratio", "peak ratio", "above-import ratio"]
+    if args.device == "cuda":
+        columns.remove("above import MiB")
+        columns.remove("above-import ratio")
+    print_table(rows, columns)
+    print("(ratios: slmfast / unfused; < 1 is better. Targets: distill peak <= 0.15 and lce peak <= 0.20 of "
+          "unfused, time <= 1.1x, at N=8192 H=1024 V=32768)")
+
+
+# ---- pytest-benchmark entry points (small shapes) -----------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_losses_fwd_bwd(benchmark, variant):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = make_inputs(1024, 256, 32768, torch.bfloat16, device, teacher=variant.startswith("distill"))
+
+    def step():
+        step_fn(variant, *inputs)
+        sync(device)
+
+    benchmark(step)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", action="store_true", help="print the comparison table")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 151936])
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab-one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+    else:
+        run_table(args)
+
+
+if __name__ == "__main__":
+    main()

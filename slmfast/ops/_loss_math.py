@@ -1,0 +1,320 @@
+"""The math of the loss ops, in plain PyTorch: references, row kernels and shared checks.
+
+Two kinds of function live here, for slmfast/ops/{cross_entropy,linear_cross_entropy,distill_loss}.py:
+  *_reference   the unfused computation differentiated by autograd (F.cross_entropy, log_softmax,
+                F.kl_div): the oracle of the tests when run in float64, and the `torch` backend of
+                the ops that take logits.
+  *_rows_torch  the row kernels of the `torch` backend of the chunked ops: loss per row and the
+                gradient written over the logits, by the explicit formulas the C++ and Triton
+                kernels use (csrc/cpu/cross_entropy.cpp). Float32 arithmetic (float64 for fp64).
+
+Distillation (Hinton et al. 2015): with u = s / T, v = t / T, Q = softmax(u) the student and
+P = softmax(v) the teacher, the soft loss of a row is one of
+    forward_kl  KL(P || Q)      reverse_kl  KL(Q || P)      tvd  1/2 sum |P - Q|
+    jsd         beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q
+(JSD(beta) of Agarwal et al. 2023, "GKD", as TRL and Liger Kernel write it.) The mixture form is
+0 at beta = 0 and 1; JSD(beta) / beta -> KL(P || Q) as beta -> 0 and JSD(beta) / (1 - beta) ->
+KL(Q || P) as beta -> 1, so, like TRL and Liger, beta = 0 means forward_kl and beta = 1 means
+reverse_kl. The row loss is T^2 * soft + hard_weight * CE(s, y) (CE at temperature 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
+REDUCTIONS = ("mean", "sum", "none")
+TAILS = ("none", "bucket")
+# A vocabulary may exceed the other by padding up to the next multiple of this (see vocab_columns).
+VOCAB_PAD_MULTIPLE = 512
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- argument checks shared by the loss ops -------------------------------------------------
+
+def check_reduction(op: str, reduction: str, allowed=REDUCTIONS) -> None:
+    if reduction not in allowed:
+        raise ValueError(f"{op}: reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
+
+
+def resolve_kind(op: str, kind: str, beta: float) -> int:
+    """The kernel's kind number; jsd at beta 0 / 1 is forward_kl / reverse_kl (module docstring)."""
+    if kind not in KINDS:
+        raise ValueError(f"{op}: kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    if kind == "jsd":
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"{op}: beta must be in [0, 1], got {beta}")
+        if beta == 0.0:
+            return KINDS["forward_kl"]
+        if beta == 1.0:
+            return KINDS["reverse_kl"]
+    return KINDS[kind]
+
+
+def check_target(op: str, target: torch.Tensor, rows: int, vocab: int, ignore_index: int,
+                 name: str = "target") -> torch.Tensor:
+    """Integer (rows,) target in [0, vocab) or ignore_index; returned flat as int64."""
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"{op}: {name} must hold class indices (an integer dtype), got {target.dtype}")
+    if target.numel() != rows:
+        raise ValueError(f"{op}: {name} must have {rows} elements (one per row), got shape "
+                         f"{tuple(target.shape)}")
+    target = target.reshape(rows).to(torch.int64)
+    if not torch.compiler.is_compiling() and target.device.type != "meta" and rows > 0:
+        bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{op}: {name}[{i}] = {int(target[i])} is out of range [0, {vocab}) and is not "
+                             f"ignore_index ({ignore_index})")
+    return target
+
+
+def mean_scale(op: str, valid: torch.Tensor | None, rows: int, reduction: str, num_items,
+               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 0-dim factor that turns the sum of row losses into the reduced loss: 1 for "sum",
+    1 / (number of non-ignored rows, or num_items) for "mean". A zero count gives 0 (the loss of
+    an all-ignored batch is 0, where F.cross_entropy returns NaN)."""
+    if num_items is not None and reduction != "mean":
+        raise ValueError(f"{op}: num_items is the denominator of reduction='mean', got "
+                         f"reduction={reduction!r}")
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=device)
+    if num_items is None:
+        count = valid.sum().to(dtype) if valid is not None else torch.full((), float(rows), dtype=dtype,
+                                                                           device=device)
+    elif isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(f"{op}: num_items must be an int or a one-element tensor, got shape "
+                             f"{tuple(num_items.shape)}")
+        count = num_items.reshape(()).to(device=device, dtype=dtype)
+    else:
+        if int(num_items) < 0:
+            raise ValueError(f"{op}: num_items must be >= 0, got {num_items}")
+        count = torch.full((), float(num_items), dtype=dtype, device=device)
+    return torch.where(count > 0, 1.0 / count.clamp(min=1e-30), torch.zeros_like(count))
+
+
+def vocab_columns(op: str, student_vocab: int, teacher_vocab: int, vocab_size: int | None) -> int:
+    """How many leading columns the student and teacher share; the rest are masked out.
+
+    Rule: with vocab_size given, both must have at least vocab_size rows and columns >= vocab_size
+    are dropped on both sides. Otherwise the shared vocabulary is the smaller one, and the larger
+    may exceed it only by padding to the next multiple of VOCAB_PAD_MULTIPLE (512): Qwen2.5's
+    151936 and 152064, GPT-2's 50257 and 50304 pass; 32000 and 32768, or 50257 and 151936, are
+    taken as different tokenizers and rejected.
+    """
+    if vocab_size is not None:
+        if vocab_size < 1 or vocab_size > min(student_vocab, teacher_vocab):
+            raise ValueError(f"{op}: vocab_size={vocab_size} must be in [1, min(student vocabulary "
+                             f"{student_vocab}, teacher vocabulary {teacher_vocab})]")
+        return int(vocab_size)
+    small, large = min(student_vocab, teacher_vocab), max(student_vocab, teacher_vocab)
+    padded = -(-small // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    if large > padded:
+        raise ValueError(f"{op}: student vocabulary {student_vocab} and teacher vocabulary "
+                         f"{teacher_vocab} cannot be paddings of one vocabulary (the larger may exceed "
+                         f"the smaller only up to the next multiple of {VOCAB_PAD_MULTIPLE}, {padded}); "
+                         "different tokenizers are not supported (pass vocab_size= if they do share "
+                         "their first vocab_size tokens)")
+    return small
+
+
+def reduce_rows(rows: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
+    return rows if reduction == "none" else (rows.to(scale.dtype).sum() * scale)
+
+
+# ---- references: unfused, differentiated by autograd ----------------------------------------
+
+def cross_entropy_rows_reference(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                                 softcap=None):
+    """Per-row loss of (N, V) logits: F.cross_entropy (+ z_loss * lse^2), 0 on ignored rows."""
+    z = logits if not softcap else softcap * torch.tanh(logits / softcap)
+    rows = F.cross_entropy(z, target, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
+    if z_loss:
+        rows = rows + z_loss * torch.logsumexp(z, -1).pow(2) * (target != ignore_index)
+    return rows
+
+
+def soft_rows_reference(lq: torch.Tensor, lp: torch.Tensor, kind: int, beta: float) -> torch.Tensor:
+    """Soft loss per row from student and teacher log-probabilities (last dim), F.kl_div style."""
+    if kind == 0:
+        return F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1)
+    if kind == 1:
+        return F.kl_div(lp, lq, reduction="none", log_target=True).sum(-1)
+    if kind == 2:
+        lm = torch.logsumexp(torch.stack([lp + torch.log(torch.tensor(beta, dtype=lp.dtype)),
+                                          lq + torch.log(torch.tensor(1 - beta, dtype=lq.dtype))]), 0)
+        return (beta * F.kl_div(lm, lp, reduction="none", log_target=True).sum(-1)
+                + (1 - beta) * F.kl_div(lm, lq, reduction="none", log_target=True).sum(-1))
+    return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+
+
+def distill_rows_reference(student_logits, teacher_logits, target, kind: int, beta: float, temperature: float,
+                           hard_weight: float, ignore_index: int):
+    """Per-row T^2 * soft + hard_weight * CE of (N, V) logits; the teacher is detached."""
+    lq = F.log_softmax(student_logits / temperature, -1)
+    lp = F.log_softmax(teacher_logits.detach() / temperature, -1)
+    rows = temperature ** 2 * soft_rows_reference(lq, lp, kind, beta)
+    if target is not None:
+        rows = rows * (target != ignore_index)
+        if hard_weight:
+            rows = rows + hard_weight * F.cross_entropy(student_logits, target, ignore_index=ignore_index,
+                                                        reduction="none")
+    return rows
+
+
+def _tail_log(mass: torch.Tensor) -> torch.Tensor:
+    """log of a tail mass, floored at the dtype's smallest normal so that an empty tail is finite."""
+    return torch.log(mass.clamp(min=torch.finfo(mass.dtype).tiny))
+
+
+def topk_rows_reference(student_logits, topk_ids, topk_logprobs, target, kind: int, beta: float,
+                        temperature: float, hard_weight: float, ignore_index: int, tail: str):
+    """Per-row top-k distillation loss by autograd (the rule is in slmfast/ops/distill_loss.py)."""
+    lq_full = F.log_softmax(student_logits / temperature, -1)
+    lq_k = lq_full.gather(-1, topk_ids)
+    lp = topk_logprobs.to(lq_full.dtype)
+    if tail == "none" or topk_ids.shape[-1] == student_logits.shape[-1]:  # k = V: no tail
+        lq = F.log_softmax(lq_k, -1)
+        lp_t = F.log_softmax(lp / temperature, -1)
+    else:
+        not_k = torch.ones_like(lq_full, dtype=torch.bool).scatter(-1, topk_ids, False)
+        q_tail = (lq_full.exp() * not_k).sum(-1, keepdim=True)
+        lq = torch.cat([lq_k, _tail_log(q_tail)], -1)
+        p_tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp(min=0)
+        lp_t = F.log_softmax(torch.cat([lp, _tail_log(p_tail)], -1) / temperature, -1)
+    rows = temperature ** 2 * soft_rows_reference(lq, lp_t, kind, beta)
+    if target is not None:
+        rows = rows * (target != ignore_index)
+        if hard_weight:
+            rows = rows + hard_weight * F.cross_entropy(student_logits, target, ignore_index=ignore_index,
+                                                        reduction="none")
+    return rows
+
+
+# ---- row kernels of the torch backend: explicit formulas, gradient over the logits ----------
+
+def _ce_grad(s, target):
+    """d CE(s, target) / d s = softmax(s) - onehot(target), per row."""
+    return torch.softmax(s, -1) - F.one_hot(target, s.shape[1]).to(s.dtype)
+
+
+def ce_rows_torch(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+    """Loss and lse per row (acc dtype); with grad_scale (rows or one value), the scaled
+    gradient is written over logits. The formulas of CrossEntropyParams (csrc/common/params.h)."""
+    acc = acc_dtype(logits.dtype)
+    a = logits.to(acc)
+    z = softcap * torch.tanh(a / softcap) if softcap > 0 else a
+    valid = target != ignore_index
+    safe = torch.where(valid, target, 0)
+    lse = torch.logsumexp(z, -1)
+    z_y = z.gather(1, safe[:, None])[:, 0]
+    loss = lse - (1 - label_smoothing) * z_y + z_loss * lse * lse
+    if label_smoothing > 0:
+        loss = loss - label_smoothing / z.shape[1] * z.sum(-1)
+    loss = torch.where(valid, loss, 0)
+    if grad_scale is not None:
+        scale = torch.where(valid, grad_scale.to(acc).expand(len(valid)), 0)[:, None]
+        d = torch.softmax(z, -1) * (1 + 2 * z_loss * lse[:, None]) - label_smoothing / z.shape[1]
+        d.scatter_add_(1, safe[:, None], torch.full_like(z_y[:, None], label_smoothing - 1))
+        if softcap > 0:
+            d = d * (1 - (z / softcap) ** 2)
+        logits.copy_(d * scale)
+    return loss, torch.where(valid, lse, 0)
+
+
+def _soft_weights(lq, lp, kind: int, beta: float):
+    """(soft loss per row, w = Q * dL/dQ per column) from log Q and log P (last dim)."""
+    q, p = lq.exp(), lp.exp()
+    if kind == 0:
+        return torch.where(p > 0, p * (lp - lq), 0).sum(-1), -p
+    if kind == 1:
+        term = torch.where(q > 0, q * (lq - lp), 0)
+        return term.sum(-1), torch.where(q > 0, q * (lq - lp + 1), 0)
+    if kind == 2:
+        lm = torch.logaddexp(lp + torch.log(torch.tensor(beta, dtype=lp.dtype)),
+                             lq + torch.log1p(torch.tensor(-beta, dtype=lq.dtype)))
+        w = (1 - beta) * torch.where(q > 0, q * (lq - lm), 0)
+        return (beta * torch.where(p > 0, p * (lp - lm), 0)).sum(-1) + w.sum(-1), w
+    return 0.5 * (p - q).abs().sum(-1), 0.5 * q * torch.sign(q - p)
+
+
+def distill_rows_torch(student, teacher, target, grad_scale, kind, beta, temperature, hard_weight,
+                       ignore_index):
+    """Per-row loss (acc dtype); with grad_scale, the scaled gradient written over student."""
+    acc = acc_dtype(student.dtype)
+    s = student.to(acc)
+    lq = F.log_softmax(s / temperature, -1)
+    lp = F.log_softmax(teacher.to(acc) / temperature, -1)
+    soft, w = _soft_weights(lq, lp, kind, beta)
+    loss = temperature ** 2 * soft
+    valid = target != ignore_index if target is not None else None
+    hard = hard_weight > 0 and target is not None
+    if hard:
+        loss = loss + hard_weight * F.cross_entropy(s, torch.where(valid, target, 0), reduction="none")
+    if valid is not None:
+        loss = torch.where(valid, loss, 0)
+    if grad_scale is not None:
+        d = temperature * (w - lq.exp() * w.sum(-1, keepdim=True))  # dL/du / T * T^2
+        if hard:
+            d = d + hard_weight * _ce_grad(s, torch.where(valid, target, 0))
+        scale = grad_scale.to(acc).expand(s.shape[0])
+        if valid is not None:
+            scale = torch.where(valid, scale, 0)
+        student.copy_(d * scale[:, None])
+    return loss
+
+
+def topk_rows_torch(student, topk_ids, topk_logprobs, target, grad_scale, kind, beta, temperature,
+                    hard_weight, ignore_index, tail):
+    """Per-row top-k loss; with grad_scale, the scaled gradient over student. With w_o = Q_S(o)
+    dL/dQ_S(o) on the outcomes o (the k ids, and the tail bucket): for a column m of outcome o(m),
+    dL/du_m = w_o(m) Q_m / Q_S(o(m)) - Q_m sum_o w_o (tail="bucket", Q_S the full softmax grouped);
+    for tail="none" (Q_S renormalized over the k ids) dL/du_m = w_m - Q_S(m) sum w on the ids, 0 off them."""
+    acc = acc_dtype(student.dtype)
+    s = student.to(acc)
+    lq_full = F.log_softmax(s / temperature, -1)
+    lq_k = lq_full.gather(-1, topk_ids)
+    lp = topk_logprobs.to(acc)
+    if tail == "bucket" and topk_ids.shape[-1] == s.shape[-1]:
+        tail = "none"  # k = V: no tail
+    if tail == "none":
+        lq = F.log_softmax(lq_k, -1)
+        lp_t = F.log_softmax(lp / temperature, -1)
+    else:
+        not_k = torch.ones_like(s, dtype=torch.bool).scatter_(-1, topk_ids, False)
+        q_tail = (lq_full.exp() * not_k).sum(-1, keepdim=True)
+        lq = torch.cat([lq_k, _tail_log(q_tail)], -1)
+        p_tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp(min=0)
+        lp_t = F.log_softmax(torch.cat([lp, _tail_log(p_tail)], -1) / temperature, -1)
+    soft, w = _soft_weights(lq, lp_t, kind, beta)
+    loss = temperature ** 2 * soft
+    valid = target != ignore_index if target is not None else None
+    hard = hard_weight > 0 and target is not None
+    if hard:
+        loss = loss + hard_weight * F.cross_entropy(s, torch.where(valid, target, 0), reduction="none")
+    if valid is not None:
+        loss = torch.where(valid, loss, 0)
+    if grad_scale is not None:
+        c = w.sum(-1, keepdim=True)
+        if tail == "none":
+            du = torch.zeros_like(s).scatter_(-1, topk_ids, w - lq.exp() * c)
+        else:
+            q = lq_full.exp()
+            ratio = torch.where(q_tail > 0, w[:, -1:] / q_tail.clamp(min=torch.finfo(acc).tiny), 0)
+            du = torch.where(not_k, q * ratio, 0).scatter_(-1, topk_ids, w[:, :-1]) - q * c
+        d = temperature * du
+        if hard:
+            d = d + hard_weight * _ce_grad(s, torch.where(valid, target, 0))
+        scale = grad_scale.to(acc).expand(s.shape[0])
+        if valid is not None:
+            scale = torch.where(valid, scale, 0)
+        student.copy_(d * scale[:, None])
+    return loss

@@ -1,0 +1,387 @@
+"""Distillation losses: dense on hidden states (chunked), on logits, and against a cached top-k
+teacher — contract, reference, autograd, dispatch.
+
+The loss of a token (row) with student logits s and teacher logits t over the shared vocabulary
+(the math and the JSD(beta) endpoints are in slmfast/ops/_loss_math.py):
+    T^2 * D(P_T || Q_T) + hard_weight * CE(s, target)
+where Q_T = softmax(s / T), P_T = softmax(t / T) (Hinton et al. 2015: the T^2 keeps the soft
+gradients' scale independent of T), D one of kind = "forward_kl" KL(P||Q), "reverse_kl" KL(Q||P),
+"jsd" beta KL(P||M) + (1 - beta) KL(Q||M) with M = beta P + (1 - beta) Q (beta = 0 is forward_kl
+and beta = 1 is reverse_kl exactly), "tvd" 1/2 sum |P - Q|. The teacher carries no gradient.
+Rows whose target is ignore_index count for nothing (soft and hard); reduction "mean" divides the
+sum by the number of such non-ignored rows (all rows without a target), or by num_items; "sum".
+
+Vocabulary padding: student and teacher use their first V columns, V = vocab_size when given,
+else the smaller of the two vocabularies; the extra rows of the larger weight (or columns of the
+larger logits) are masked out: they are in neither softmax and get a zero gradient. The larger
+may exceed the smaller only up to the next multiple of 512 (Qwen2.5's 151936/152064); anything
+else is taken as a different tokenizer and rejected (_loss_math.vocab_columns).
+
+distill_loss(hidden states, LM-head weights): chunked over tokens like linear_cross_entropy
+(slmfast/ops/_loss_chunks.py): per chunk, the teacher's and the student's logits, the fused row
+kernel (loss and, in place, d loss / d student logits), then grad_hidden and grad_W by GEMM. The
+gradients are computed during the forward and scaled in backward. Saved for backward: the student
+grad_hidden (N x Hs), grad_W (Vs x Hs) and grad_b: the bytes of the gradients themselves; no
+(N, V) tensor, nothing of the teacher. Transient, during the forward: the student's and the
+teacher's logits of one chunk (2 x C x V) and, for bf16/fp16 weights, the float32 grad_W sum.
+
+distill_loss_from_logits: the same losses when the caller has both logits. Saved for backward:
+the logits (inputs) and 7 floats per row (two maxima, three log-sums, two row sums); the
+backward is one pass.
+
+topk_distill_loss: against a cached sparse teacher, `teacher_topk_ids` (N, k) and
+`teacher_topk_logprobs` (N, k), the teacher's log-probabilities at temperature 1 of its k most
+likely tokens. The teacher distribution lives on the outcomes S: the k ids (tail="none",
+renormalized), or the k ids plus one tail bucket holding 1 - sum(exp(logprobs)) (tail="bucket",
+floored at 0; with k = V there is no tail and "bucket" is "none", so that rounding noise in the
+cached log-probabilities is not turned into a bucket, which temperature would then inflate). At
+temperature T it is softmax over S of (log p) / T (the tail bucket as one outcome). The
+student's Q_T = softmax(s / T) over the full vocabulary is grouped the same way: the k ids
+renormalized (none), or the k ids plus the summed mass of all other tokens (bucket).
+Then T^2 * D(P_S || Q_S) + hard_weight * CE as above. With k = V both tails are empty and the loss
+is the dense one. Row math in PyTorch on every backend (_loss_math.topk_rows_torch), chunked.
+
+Backends (row kernels): triton (slmfast/triton/distill.py), cpu (csrc/cpu/cross_entropy.cpp),
+torch (_loss_math). No CUDA kernel: on a GPU the automatic choice is triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slmfast import backends
+from slmfast.ops import _checks
+from slmfast.ops import _loss_chunks as C
+from slmfast.ops import _loss_math as M
+from slmfast.ops.linear_cross_entropy import needs_grad, prepare_linear, select_backend
+
+OP = "distill_loss"
+OP_LOGITS = "distill_loss_from_logits"
+OP_TOPK = "topk_distill_loss"
+IMPLEMENTED = ("triton", "cpu", "torch")
+IMPLEMENTED_TOPK = ("torch",)
+NUM_STATS = 7  # per-row stats of the distill row kernels (csrc/cpu/cross_entropy.cpp)
+
+
+# ---- references ---------------------------------------------------------------------------
+
+def _reduce(rows, target, ignore_index, reduction, num_items, dtype, op):
+    if reduction == "none":
+        return rows
+    valid = target != ignore_index if target is not None else None
+    scale = M.mean_scale(op, valid, rows.shape[0], reduction, num_items, M.acc_dtype(dtype), rows.device)
+    return (rows.sum() * scale).to(dtype)
+
+
+def distill_loss_from_logits_reference(student_logits, teacher_logits, target=None, *, kind="forward_kl",
+                                       beta=0.5, temperature=1.0, hard_weight=0.0, ignore_index=-100,
+                                       num_items=None, reduction="mean", vocab_size=None):
+    """Unfused log_softmax / F.kl_div / F.cross_entropy with autograd; the oracle of the tests."""
+    k = M.resolve_kind(OP_LOGITS, kind, beta)
+    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    v = M.vocab_columns(OP_LOGITS, vs, vt, vocab_size)
+    s = student_logits.reshape(-1, vs)[:, :v]
+    t = teacher_logits.reshape(-1, vt)[:, :v].to(s.dtype)
+    y = target.reshape(-1) if target is not None else None
+    rows = M.distill_rows_reference(s, t, y, k, beta, temperature, hard_weight, ignore_index)
+    if reduction == "none":
+        return rows.reshape(student_logits.shape[:-1])
+    return _reduce(rows, y, ignore_index, reduction, num_items, student_logits.dtype, OP_LOGITS)
+
+
+def distill_loss_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, target=None, *,
+                           student_bias=None, teacher_bias=None, **options):
+    """Unfused: both logits in full, then distill_loss_from_logits_reference."""
+    s = student_hidden.reshape(-1, student_hidden.shape[-1]) @ student_weight.t()
+    if student_bias is not None:
+        s = s + student_bias
+    with torch.no_grad():
+        t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) @ teacher_weight.t()
+        if teacher_bias is not None:
+            t = t + teacher_bias
+    return distill_loss_from_logits_reference(s, t, target, **options)
+
+
+def topk_distill_loss_reference(student_logits, teacher_topk_ids, teacher_topk_logprobs, target=None, *,
+                                kind="forward_kl", beta=0.5, tail="none", temperature=1.0, hard_weight=0.0,
+                                ignore_index=-100, num_items=None, reduction="mean"):
+    """The top-k loss of full student logits by autograd (gather, log_softmax, F.kl_div)."""
+    k = M.resolve_kind(OP_TOPK, kind, beta)
+    v = student_logits.shape[-1]
+    s = student_logits.reshape(-1, v)
+    ids = teacher_topk_ids.reshape(s.shape[0], -1)
+    lp = teacher_topk_logprobs.reshape(s.shape[0], -1)
+    y = target.reshape(-1) if target is not None else None
+    rows = M.topk_rows_reference(s, ids, lp, y, k, beta, temperature, hard_weight, ignore_index, tail)
+    return _reduce(rows, y, ignore_index, reduction, num_items, student_logits.dtype, OP_TOPK)
+
+
+# ---- custom ops: the chunk loops ------------------------------------------------------------
+
+def _fake_fused(sh, sw, sb, *rest):
+    grad_hidden, grad_weight, grad_bias = rest[-4:-1]
+    return (sh.new_empty((), dtype=M.acc_dtype(sh.dtype)),
+            torch.empty_like(sh) if grad_hidden else sh.new_empty(0),
+            torch.empty_like(sw) if grad_weight else sw.new_empty(0),
+            torch.empty_like(sb) if grad_bias else sw.new_empty(0))
+
+
+def _fused_setup(ctx, inputs, output):
+    ctx.num_inputs = len(inputs)
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[1:])
+
+
+def _fused_backward(ctx, grad_loss, *_):
+    gh, gw, gb = C.scale_saved_grads(ctx.saved_tensors, grad_loss)
+    return (gh, gw, gb if ctx.has_bias else None, *([None] * (ctx.num_inputs - 3)))
+
+
+@torch.library.custom_op("slmfast_loss::distill_fused", mutates_args=())
+def _distill_fused(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, th: torch.Tensor,
+                   tw: torch.Tensor, tb: torch.Tensor | None, target: torch.Tensor | None,
+                   scale: torch.Tensor, kind: int, beta: float, temperature: float, hard_weight: float,
+                   ignore_index: int, vocab: int, chunk_size: int, grad_hidden: bool, grad_weight: bool,
+                   grad_bias: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scale * sum of row losses and, when any grad_* is set, its student gradients."""
+    def rows_fn(c0, c1, logits, grad_scale):
+        with torch.no_grad():
+            t = C.logits_of(th[c0:c1], tw, tb, vocab).to(logits.dtype)  # (C, V)
+        y = target[c0:c1] if target is not None else None
+        return C.distill_rows(backend, logits, t, y, grad_scale, kind, beta, temperature, hard_weight,
+                              ignore_index)
+
+    compute = grad_hidden or grad_weight or grad_bias
+    rows, gh, gw, gb = C.chunked(rows_fn, sh, sw, sb, vocab, chunk_size, scale if compute else None,
+                                 (grad_hidden, grad_weight, grad_bias))
+    return rows.sum() * scale, gh, gw, gb
+
+
+_distill_fused.register_fake(_fake_fused)
+_distill_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+@torch.library.custom_op("slmfast_loss::topk_distill_fused", mutates_args=())
+def _topk_fused(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, ids: torch.Tensor,
+                logprobs: torch.Tensor, target: torch.Tensor | None, scale: torch.Tensor, kind: int,
+                beta: float, temperature: float, hard_weight: float, ignore_index: int, tail: str,
+                chunk_size: int, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rows_fn(c0, c1, logits, grad_scale):
+        y = target[c0:c1] if target is not None else None
+        return M.topk_rows_torch(logits, ids[c0:c1], logprobs[c0:c1], y, grad_scale, kind, beta, temperature,
+                                 hard_weight, ignore_index, tail)
+
+    compute = grad_hidden or grad_weight or grad_bias
+    rows, gh, gw, gb = C.chunked(rows_fn, sh, sw, sb, sw.shape[0], chunk_size, scale if compute else None,
+                                 (grad_hidden, grad_weight, grad_bias))
+    return rows.sum() * scale, gh, gw, gb
+
+
+_topk_fused.register_fake(_fake_fused)
+_topk_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# ---- distill_loss_from_logits: the row ops with autograd ------------------------------------
+
+def _fake_rows(student, teacher, target, kind, beta, temperature, hard_weight, ignore_index):
+    acc = M.acc_dtype(student.dtype)
+    rows = student.shape[0]
+    return student.new_empty(rows, dtype=acc), student.new_empty((rows, NUM_STATS), dtype=acc)
+
+
+def _fake_rows_bwd(grad_loss, student, *rest):
+    return student.new_empty(student.shape)
+
+
+def _rows_setup(ctx, inputs, output):
+    student, teacher, target, *options = inputs
+    ctx.options = tuple(options)
+    ctx.save_for_backward(student, teacher, target, output[1])
+
+
+def _make_rows_backward(backward_op):
+    def backward(ctx, grad_loss, _grad_stats):
+        student, teacher, target, stats = ctx.saved_tensors
+        ds = backward_op(grad_loss.contiguous(), student, teacher, target, stats, *ctx.options)
+        return ds, None, None, None, None, None, None, None
+
+    return backward
+
+
+if backends.extension() is not None:
+    torch.library.register_fake("slmfast::distill_fwd")(_fake_rows)
+    torch.library.register_fake("slmfast::distill_bwd")(_fake_rows_bwd)
+    torch.library.register_fake("slmfast::distill_fwd_bwd_")(
+        lambda student, *rest: student.new_empty(student.shape[0], dtype=M.acc_dtype(student.dtype)))
+    torch.library.register_autograd("slmfast::distill_fwd",
+                                    _make_rows_backward(torch.ops.slmfast.distill_bwd),
+                                    setup_context=_rows_setup)
+
+if backends.triton_version() is not None:
+    from slmfast.triton import distill as _triton_kernels
+
+    @torch.library.custom_op("slmfast_triton::distill_fwd", mutates_args=())
+    def _triton_rows(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None, kind: int,
+                     beta: float, temperature: float, hard_weight: float,
+                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _triton_kernels.distill_fwd(student, teacher, target, kind, beta, temperature, hard_weight,
+                                           ignore_index)
+
+    @torch.library.custom_op("slmfast_triton::distill_bwd", mutates_args=())
+    def _triton_rows_bwd(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                         target: torch.Tensor | None, stats: torch.Tensor, kind: int, beta: float,
+                         temperature: float, hard_weight: float, ignore_index: int) -> torch.Tensor:
+        return _triton_kernels.distill_bwd(grad_loss, student, teacher, target, stats, kind, beta,
+                                           temperature, hard_weight, ignore_index)
+
+    _triton_rows.register_fake(_fake_rows)
+    _triton_rows_bwd.register_fake(_fake_rows_bwd)
+    _triton_rows.register_autograd(_make_rows_backward(torch.ops.slmfast_triton.distill_bwd),
+                                   setup_context=_rows_setup)
+
+
+# ---- the public ops -----------------------------------------------------------------------
+
+def _check_options(op, kind, beta, temperature, hard_weight, reduction, target, allowed=("mean", "sum")):
+    k = M.resolve_kind(op, kind, beta)
+    if not temperature > 0:
+        raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
+    if not hard_weight >= 0:
+        raise ValueError(f"{op}: hard_weight must be >= 0, got {hard_weight}")
+    if hard_weight > 0 and target is None:
+        raise ValueError(f"{op}: hard_weight > 0 needs a target")
+    M.check_reduction(op, reduction, allowed)
+    return k
+
+
+def _target(op, target, rows, vocab, ignore_index, device):
+    if target is None:
+        return None
+    _checks.check_same_device(op, hidden=torch.empty(0, device=device), target=target)
+    return M.check_target(op, target, rows, vocab, ignore_index)
+
+
+def _chunk(op, chunk_size, n, hidden, vocab, device):
+    if chunk_size is not None and int(chunk_size) < 0:
+        raise ValueError(f"{op}: chunk_size must be >= 1 (or None / 0: the default), got {chunk_size}")
+    return int(chunk_size) if chunk_size else C.default_chunk_size(n, hidden, vocab, device)
+
+
+def distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                 teacher_weight: torch.Tensor, target: torch.Tensor | None = None, *,
+                 kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                 hard_weight: float = 0.0, ignore_index: int = -100, chunk_size: int | None = None,
+                 student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
+                 num_items=None, reduction: str = "mean", vocab_size: int | None = None,
+                 backend: str | None = None):
+    """Distillation loss from hidden states and LM heads, chunked; see the module docstring."""
+    k = _check_options(OP, kind, beta, temperature, hard_weight, reduction, target)
+    need = needs_grad(student_hidden, student_weight, student_bias)
+    sh, sw, sb = prepare_linear(OP, student_hidden, student_weight, student_bias, "student_hidden",
+                                "student_weight", "student_bias")
+    with torch.no_grad():
+        th, tw, tb = prepare_linear(OP, teacher_hidden.detach(), teacher_weight.detach(),
+                                    teacher_bias.detach() if teacher_bias is not None else None,
+                                    "teacher_hidden", "teacher_weight", "teacher_bias")
+    _checks.check_same_device(OP, student_hidden=sh, teacher_hidden=th)
+    if tuple(teacher_hidden.shape[:-1]) != tuple(student_hidden.shape[:-1]):
+        raise ValueError(f"{OP}: teacher_hidden must have the leading shape of student_hidden "
+                         f"{tuple(student_hidden.shape[:-1])} (one row per token), got "
+                         f"{tuple(teacher_hidden.shape[:-1])}")
+    n = sh.shape[0]
+    v = M.vocab_columns(OP, sw.shape[0], tw.shape[0], vocab_size)
+    y = _target(OP, target, n, v, ignore_index, sh.device)
+    chunk = _chunk(OP, chunk_size, n, sh.shape[1], v, sh.device)
+    name = select_backend(OP, IMPLEMENTED, sh.device, sh.dtype, backend)
+    scale = M.mean_scale(OP, y != ignore_index if y is not None else None, n, reduction, num_items,
+                         M.acc_dtype(sh.dtype), sh.device)
+    loss, *_ = torch.ops.slmfast_loss.distill_fused(
+        sh, sw, sb, th, tw, tb, y, scale, k, float(beta), float(temperature), float(hard_weight),
+        int(ignore_index), v, chunk, need[0], need[1], need[2], name)
+    return loss.to(sh.dtype)
+
+
+def distill_loss_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                             target: torch.Tensor | None = None, *, kind: str = "forward_kl",
+                             beta: float = 0.5, temperature: float = 1.0, hard_weight: float = 0.0,
+                             ignore_index: int = -100, num_items=None, reduction: str = "mean",
+                             vocab_size: int | None = None, backend: str | None = None):
+    """The distillation loss of logits (..., Vs) and (..., Vt); reduction also "none" (per row)."""
+    k = _check_options(OP_LOGITS, kind, beta, temperature, hard_weight, reduction, target, M.REDUCTIONS)
+    _checks.check_float(OP_LOGITS, "student_logits", student_logits)
+    _checks.check_float(OP_LOGITS, "teacher_logits", teacher_logits)
+    device = _checks.check_same_device(OP_LOGITS, student_logits=student_logits,
+                                       teacher_logits=teacher_logits)
+    if student_logits.dim() < 1 or tuple(teacher_logits.shape[:-1]) != tuple(student_logits.shape[:-1]):
+        raise ValueError(f"{OP_LOGITS}: teacher_logits must have the leading shape of student_logits "
+                         f"{tuple(student_logits.shape[:-1])}, got {tuple(teacher_logits.shape[:-1])}")
+    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    v = M.vocab_columns(OP_LOGITS, vs, vt, vocab_size)
+    s = student_logits.reshape(-1, vs)[:, :v]
+    t = teacher_logits.detach().reshape(-1, vt)[:, :v].to(s.dtype)
+    if target is not None and tuple(target.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(f"{OP_LOGITS}: target must have shape {tuple(student_logits.shape[:-1])}, got "
+                         f"{tuple(target.shape)}")
+    y = _target(OP_LOGITS, target, s.shape[0], v, ignore_index, device)
+    name = select_backend(OP_LOGITS, IMPLEMENTED, device, s.dtype, backend)
+    options = (k, float(beta), float(temperature), float(hard_weight), int(ignore_index))
+    if name == "torch":
+        rows = M.distill_rows_reference(s, t, y, *options)
+    else:
+        s = s if s.stride(-1) == 1 else s.contiguous()
+        t = t if t.stride(-1) == 1 else t.contiguous()
+        ns = torch.ops.slmfast_triton if name == "triton" else torch.ops.slmfast
+        rows, _stats = ns.distill_fwd(s, t, y, *options)
+    if reduction == "none":
+        return rows.to(student_logits.dtype).reshape(student_logits.shape[:-1])
+    return _reduce(rows, y, ignore_index, reduction, num_items, student_logits.dtype, OP_LOGITS)
+
+
+def topk_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                      teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor, *,
+                      kind: str = "forward_kl", beta: float = 0.5, tail: str = "none",
+                      temperature: float = 1.0, target: torch.Tensor | None = None, hard_weight: float = 0.0,
+                      ignore_index: int = -100, chunk_size: int | None = None, num_items=None,
+                      student_bias: torch.Tensor | None = None, reduction: str = "mean",
+                      backend: str | None = None):
+    """Distillation against a cached top-k teacher, chunked; see the module docstring."""
+    k = _check_options(OP_TOPK, kind, beta, temperature, hard_weight, reduction, target)
+    if tail not in M.TAILS:
+        raise ValueError(f"{OP_TOPK}: tail must be one of {', '.join(map(repr, M.TAILS))}, got {tail!r}")
+    need = needs_grad(student_hidden, student_weight, student_bias)
+    sh, sw, sb = prepare_linear(OP_TOPK, student_hidden, student_weight, student_bias, "student_hidden",
+                                "student_weight", "student_bias")
+    n, v = sh.shape[0], sw.shape[0]
+    _checks.check_tensor(OP_TOPK, "teacher_topk_ids", teacher_topk_ids)
+    _checks.check_float(OP_TOPK, "teacher_topk_logprobs", teacher_topk_logprobs)
+    _checks.check_same_device(OP_TOPK, student_hidden=sh, teacher_topk_ids=teacher_topk_ids,
+                              teacher_topk_logprobs=teacher_topk_logprobs)
+    lead = tuple(student_hidden.shape[:-1])
+    if teacher_topk_ids.dtype.is_floating_point or tuple(teacher_topk_ids.shape[:-1]) != lead:
+        raise ValueError(f"{OP_TOPK}: teacher_topk_ids must be integer with shape {lead + ('k',)}, got "
+                         f"{tuple(teacher_topk_ids.shape)} {teacher_topk_ids.dtype}")
+    if tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
+        raise ValueError(f"{OP_TOPK}: teacher_topk_logprobs must have the shape of teacher_topk_ids "
+                         f"{tuple(teacher_topk_ids.shape)}, got {tuple(teacher_topk_logprobs.shape)}")
+    top = teacher_topk_ids.shape[-1]
+    if not 1 <= top <= v:
+        raise ValueError(f"{OP_TOPK}: k = {top} (last dim of teacher_topk_ids) must be in [1, V = {v}]")
+    ids = teacher_topk_ids.reshape(n, top).to(torch.int64).contiguous()
+    lp = teacher_topk_logprobs.detach().reshape(n, top).contiguous()
+    if not torch.compiler.is_compiling() and n > 0:
+        if bool(((ids < 0) | (ids >= v)).any()):
+            raise ValueError(f"{OP_TOPK}: teacher_topk_ids has ids outside [0, {v})")
+        srt = ids.sort(-1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise ValueError(f"{OP_TOPK}: teacher_topk_ids repeats an id within a row")
+    y = _target(OP_TOPK, target, n, v, ignore_index, sh.device)
+    chunk = _chunk(OP_TOPK, chunk_size, n, sh.shape[1], v, sh.device)
+    name = select_backend(OP_TOPK, IMPLEMENTED_TOPK, sh.device, sh.dtype, backend)
+    scale = M.mean_scale(OP_TOPK, y != ignore_index if y is not None else None, n, reduction, num_items,
+                         M.acc_dtype(sh.dtype), sh.device)
+    loss, *_ = torch.ops.slmfast_loss.topk_distill_fused(
+        sh, sw, sb, ids, lp, y, scale, k, float(beta), float(temperature), float(hard_weight),
+        int(ignore_index), tail, chunk, need[0], need[1], need[2], name)
+    return loss.to(sh.dtype)

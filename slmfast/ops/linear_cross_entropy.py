@@ -1,0 +1,241 @@
+"""linear_cross_entropy: cross-entropy of an LM head, without the (N, V) logits — contract,
+reference, autograd, dispatch.
+
+Computes exactly F.cross_entropy(hidden @ weight.T + bias, target, ignore_index=...,
+label_smoothing=..., reduction=...), with an optional Gemma 2 logit softcap
+(logits = softcap * tanh(logits / softcap)), and its gradients with respect to hidden, weight
+and bias, chunk by chunk over the N tokens (slmfast/ops/_loss_chunks.py): the largest temporary
+is one chunk of logits, (C, V) in the input dtype, instead of the unfused computation's logits,
+their float32 copy, the saved log-softmax and the logits' gradient, each (N, V).
+
+Shapes: hidden (..., H), weight (V, H), bias (V,) or None, target (...) with values in [0, V) or
+ignore_index. hidden, weight and bias share a dtype (float32, bfloat16, float16, float64); a
+float32 weight with bf16/fp16 hidden is cast to the hidden dtype (as F.linear under autocast);
+under autocast both are cast to the autocast dtype. GEMMs in that dtype, softmax and loss in
+float32 (float64 for fp64); grad_W summed over chunks in float32. The loss has hidden's dtype.
+Token normalization and num_items: as slmfast.ops.cross_entropy ("mean" divides by the number of
+non-ignored tokens or by num_items; an all-ignored batch gives 0).
+
+Two ways to the gradients, chosen per call:
+* reduction "mean"/"sum" with gradients needed (training): the gradients are computed during the
+  forward (as Liger Kernel's FusedLinearCrossEntropy does) and scaled by the incoming gradient in
+  backward: 3 GEMMs in all, the unfused count. Saved for backward: grad_hidden (N x H, hidden's
+  dtype) and grad_weight (V x H, weight's dtype) and grad_bias (V), i.e. exactly the bytes of the
+  gradients the backward returns, nothing of size N x V. Transient, during the forward: one chunk
+  of logits (C x V, input dtype) and, for bf16/fp16 weights, the float32 grad_W sum (V x H x 4).
+  When the incoming gradient is exactly 1 the saved gradients are handed over without a copy.
+* reduction "none" (per-token losses, any incoming gradient) or no gradients: the forward keeps
+  only the per-row losses; the backward recomputes each chunk's logits (4 GEMMs). Saved: the
+  inputs (hidden, weight, bias, target: alive anyway) and nothing else.
+
+Backends of the row kernel (the GEMMs are torch.mm on every backend): cuda, triton, cpu, torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slmfast import backends
+from slmfast.ops import _amp, _checks
+from slmfast.ops import _loss_chunks as C
+from slmfast.ops import _loss_math as M
+
+OP = "linear_cross_entropy"
+IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
+
+
+def linear_cross_entropy_reference(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
+                                   reduction="mean", softcap=None, num_items=None):
+    """Unfused: logits = hidden @ weight.T + bias, then F.cross_entropy (autograd)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    logits = h @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    y = target.reshape(-1)
+    rows = M.cross_entropy_rows_reference(logits, y, ignore_index, label_smoothing, 0.0, softcap)
+    if reduction == "none":
+        return rows.reshape(target.shape)
+    scale = M.mean_scale(OP, y != ignore_index, y.numel(), reduction, num_items, M.acc_dtype(hidden.dtype),
+                         hidden.device)
+    return (rows.sum() * scale).to(hidden.dtype)
+
+
+# ---- custom ops: the chunk loops ------------------------------------------------------------
+
+def _rows_fn(backend, target, ignore_index, label_smoothing, softcap):
+    def rows(c0, c1, logits, scale):
+        return C.ce_rows(backend, logits, target[c0:c1], scale, ignore_index, label_smoothing, 0.0, softcap)
+    return rows
+
+
+@torch.library.custom_op("slmfast_loss::linear_cross_entropy_fused", mutates_args=())
+def _fused(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+           scale: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float, chunk_size: int,
+           grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scale * sum of row losses, and its gradients (empty where not asked), in one pass."""
+    rows_fn = _rows_fn(backend, target, ignore_index, label_smoothing, softcap)
+    rows, gh, gw, gb = C.chunked(rows_fn, hidden, weight, bias, weight.shape[0], chunk_size, scale,
+                                 (grad_hidden, grad_weight, grad_bias))
+    return rows.sum() * scale, gh, gw, gb
+
+
+@_fused.register_fake
+def _(hidden, weight, bias, target, scale, ignore_index, label_smoothing, softcap, chunk_size, grad_hidden,
+      grad_weight, grad_bias, backend):
+    empty = hidden.new_empty(0)
+    return (scale.new_empty(()), torch.empty_like(hidden) if grad_hidden else empty,
+            torch.empty_like(weight) if grad_weight else weight.new_empty(0),
+            torch.empty_like(bias) if grad_bias else weight.new_empty(0))
+
+
+def _fused_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[1:])
+
+
+def _fused_backward(ctx, grad_loss, _gh, _gw, _gb):
+    gh, gw, gb = C.scale_saved_grads(ctx.saved_tensors, grad_loss)
+    return gh, gw, gb if ctx.has_bias else None, None, None, None, None, None, None, None, None, None, None
+
+
+_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+@torch.library.custom_op("slmfast_loss::linear_cross_entropy_rows", mutates_args=())
+def _rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+          ignore_index: int, label_smoothing: float, softcap: float, chunk_size: int,
+          backend: str) -> torch.Tensor:
+    """Per-row losses (acc dtype), no gradient."""
+    return C.chunked(_rows_fn(backend, target, ignore_index, label_smoothing, softcap), hidden, weight, bias,
+                     weight.shape[0], chunk_size, None, (False, False, False))[0]
+
+
+@_rows.register_fake
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, softcap, chunk_size, backend):
+    return hidden.new_empty(hidden.shape[0], dtype=M.acc_dtype(hidden.dtype))
+
+
+@torch.library.custom_op("slmfast_loss::linear_cross_entropy_rows_bwd", mutates_args=())
+def _rows_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              target: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float,
+              chunk_size: int, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i grad_rows[i] * loss_i, recomputing each chunk's logits."""
+    rows_fn = _rows_fn(backend, target, ignore_index, label_smoothing, softcap)
+    _, gh, gw, gb = C.chunked(rows_fn, hidden, weight, bias, weight.shape[0], chunk_size,
+                              grad_rows.contiguous(), (grad_hidden, grad_weight, grad_bias))
+    return gh, gw, gb
+
+
+@_rows_bwd.register_fake
+def _(grad_rows, hidden, weight, bias, target, ignore_index, label_smoothing, softcap, chunk_size,
+      grad_hidden, grad_weight, grad_bias, backend):
+    return (torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if grad_weight else weight.new_empty(0),
+            torch.empty_like(bias) if grad_bias else weight.new_empty(0))
+
+
+def _rows_setup(ctx, inputs, output):
+    hidden, weight, bias, target, *options = inputs
+    ctx.options = tuple(options)
+    need = ctx.needs_input_grad
+    ctx.needs = (need[0], need[1], bias is not None and need[2])
+    ctx.save_for_backward(hidden, weight, bias, target)
+
+
+def _rows_backward(ctx, grad_rows):
+    hidden, weight, bias, target = ctx.saved_tensors
+    ignore_index, label_smoothing, softcap, chunk_size, backend = ctx.options
+    gh, gw, gb = torch.ops.slmfast_loss.linear_cross_entropy_rows_bwd(
+        grad_rows.to(M.acc_dtype(hidden.dtype)), hidden, weight, bias, target, ignore_index, label_smoothing,
+        softcap, chunk_size, *ctx.needs, backend)
+    return (gh if ctx.needs[0] else None, gw if ctx.needs[1] else None, gb if ctx.needs[2] else None,
+            None, None, None, None, None, None)
+
+
+_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+# ---- the public op ------------------------------------------------------------------------
+
+def prepare_linear(op: str, hidden, weight, bias, name="hidden", weight_name="weight", bias_name="bias"):
+    """Flattens hidden to (N, H) and brings weight/bias to hidden's dtype (autocast's, under autocast)."""
+    _checks.check_float(op, name, hidden)
+    _checks.check_float(op, weight_name, weight)
+    _checks.check_same_device(op, **{name: hidden, weight_name: weight, bias_name: bias})
+    if hidden.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"{op}: {weight_name} must be 2-D (vocabulary, hidden), got shape "
+                         f"{tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: {name} has hidden size {hidden.shape[-1]} but {weight_name} has shape "
+                         f"{tuple(weight.shape)} (expected (V, {hidden.shape[-1]}))")
+    if bias is not None:
+        _checks.check_float(op, bias_name, bias)
+        _checks.check_shape(op, bias_name, bias, (weight.shape[0],), f"one per row of {weight_name}")
+    autocast_dtype = _amp.linear_dtype(hidden)
+    if autocast_dtype is not None and hidden.dtype != torch.float64:
+        hidden, weight = hidden.to(autocast_dtype), weight.to(autocast_dtype)
+    elif weight.dtype != hidden.dtype:
+        _checks.check_param_dtype(op, weight_name, weight, name, hidden)
+        weight = weight.to(hidden.dtype)
+    if bias is not None and bias.dtype != weight.dtype:
+        bias = bias.to(weight.dtype)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    return h if h.is_contiguous() else h.contiguous(), weight.contiguous(), (
+        bias.contiguous() if bias is not None else None)
+
+
+def select_backend(op: str, implemented, device, dtype, backend):
+    name = backends.select(op, implemented, device, backend)
+    if name == "triton" and dtype == torch.float64:
+        name = backends.fallback(op, name, "float64", implemented, device)
+    return name
+
+
+def needs_grad(*tensors) -> tuple[bool, ...]:
+    grad = torch.is_grad_enabled()
+    return tuple(grad and t is not None and t.requires_grad for t in tensors)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
+                         chunk_size: int | None = None, num_items=None, *, backend: str | None = None):
+    """F.cross_entropy(hidden @ weight.T + bias, target) chunk by chunk; see the module docstring."""
+    _checks.check_tensor(OP, "target", target)
+    M.check_reduction(OP, reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{OP}: softcap must be > 0 or None, got {softcap}")
+    if chunk_size is not None and int(chunk_size) < 0:
+        raise ValueError(f"{OP}: chunk_size must be >= 1 (or None / 0: the default), got {chunk_size}")
+    need = needs_grad(hidden, weight, bias)
+    h, w, b = prepare_linear(OP, hidden, weight, bias)
+    _checks.check_same_device(OP, hidden=hidden, target=target)
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{OP}: target must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
+                         f"dimension), got {tuple(target.shape)}")
+    n, vocab = h.shape[0], w.shape[0]
+    y = M.check_target(OP, target, n, vocab, ignore_index)
+    chunk = int(chunk_size) if chunk_size else C.default_chunk_size(n, h.shape[1], vocab, h.device)
+    name = select_backend(OP, IMPLEMENTED, h.device, h.dtype, backend)
+    cap = float(softcap) if softcap else 0.0
+    acc = M.acc_dtype(h.dtype)
+    if reduction == "none":
+        if num_items is not None:
+            raise ValueError(f"{OP}: num_items is the denominator of reduction='mean', got reduction='none'")
+        rows = torch.ops.slmfast_loss.linear_cross_entropy_rows(h, w, b, y, int(ignore_index),
+                                                                float(label_smoothing), cap, chunk, name)
+        return rows.to(h.dtype).reshape(target.shape)
+    scale = M.mean_scale(OP, y != ignore_index, n, reduction, num_items, acc, h.device)
+    if any(need):
+        loss, *_ = torch.ops.slmfast_loss.linear_cross_entropy_fused(
+            h, w, b, y, scale, int(ignore_index), float(label_smoothing), cap, chunk, need[0], need[1],
+            need[2], name)
+    else:
+        rows = torch.ops.slmfast_loss.linear_cross_entropy_rows(h, w, b, y, int(ignore_index),
+                                                                float(label_smoothing), cap, chunk, name)
+        loss = rows.sum() * scale
+    return loss.to(h.dtype)

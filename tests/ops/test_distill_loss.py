@@ -1,0 +1,384 @@
+"""Distillation losses (distill_loss, distill_loss_from_logits, topk_distill_loss) on every
+available backend against the unfused float64 references."""
+
+import pytest
+import torch
+
+from slmfast import backends
+from slmfast.functional import distill_loss, distill_loss_from_logits, topk_distill_loss
+from slmfast.ops.distill_loss import (
+    distill_loss_from_logits_reference,
+    distill_loss_reference,
+    topk_distill_loss_reference,
+)
+from tests.helpers import assert_close, backend_params, device_for, value_and_grads
+
+BACKENDS = backend_params(("torch", "cpu", "triton"))
+KERNEL_BACKENDS = [b for b in BACKENDS if b.values[0] != "torch"]
+INTERPRETED = not torch.cuda.is_available()
+KINDS = ["forward_kl", "reverse_kl", "jsd", "tvd"]
+# kind x temperature: every kind at every temperature over the four cases of a backend
+TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
+CASES = [(k, TEMPERATURES[(i + j) % 4], (0.0, 0.7)[j % 2]) for i, k in enumerate(KINDS) for j in range(4)]
+
+
+def _hidden_inputs(n, hs, ht, vs, vt, dtype, device, ignore_every=4, target_vocab=None):
+    sh = torch.randn(n, hs, device=device).to(dtype)
+    sw = (torch.randn(vs, hs, device=device) * 2 / hs ** 0.5).to(dtype)
+    th = torch.randn(n, ht, device=device).to(dtype)
+    tw = (torch.randn(vt, ht, device=device) * 2 / ht ** 0.5).to(dtype)
+    target = torch.randint(0, target_vocab or min(vs, vt), (n,), device=device)
+    target[::ignore_every] = -100
+    return sh, sw, th, tw, target
+
+
+def _check_hidden(backend, sh, sw, th, tw, target, sb=None, tb=None, chunk_size=None, **options):
+    def ours(h, w, b=None):
+        return distill_loss(h, w, th, tw, target, student_bias=b, teacher_bias=tb, chunk_size=chunk_size,
+                            backend=backend, **options)
+
+    def ref(h, w, b=None):
+        return distill_loss_reference(h, w, th, tw, target, student_bias=b, teacher_bias=tb, **options)
+
+    def ref64(h, w, b=None):
+        return distill_loss_reference(h.double(), w.double(), th.double(), tw.double(), target,
+                                      student_bias=b.double() if b is not None else None,
+                                      teacher_bias=tb.double() if tb is not None else None, **options)
+
+    args = (sh, sw) if sb is None else (sh, sw, sb)
+    got, base, exact = (value_and_grads(f, *args) for f in (ours, ref, ref64))
+    assert got[0].dtype == sh.dtype
+    assert_close("loss", got[0], base[0], exact[0])
+    for name, a, b, c in zip(("dhidden", "dweight", "dbias"), got[1], base[1], exact[1]):
+        assert_close(name, a, b, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: "{}-T{}-hard{}".format(*CASES[i]))
+def test_distill_loss_matches_fp64_reference(backend, case):
+    kind, temperature, hard_weight = CASES[case]
+    sh, sw, th, tw, target = _hidden_inputs(21, 16, 24, 97, 97, torch.float32, device_for(backend))
+    _check_hidden(backend, sh, sw, th, tw, target, chunk_size=8, kind=kind, beta=0.4, temperature=temperature,
+                  hard_weight=hard_weight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_reduced_precision_inputs(backend, dtype, kind):
+    sh, sw, th, tw, target = _hidden_inputs(19, 16, 16, 83, 83, dtype, device_for(backend))
+    _check_hidden(backend, sh, sw, th, tw, target, chunk_size=6, kind=kind, temperature=2.0, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padded", ["teacher", "student", "both_vocab_size"])
+def test_vocab_padding_is_masked(backend, padded):
+    device = device_for(backend)
+    vs, vt, vocab_size = {"teacher": (67, 128, None), "student": (128, 67, None),
+                          "both_vocab_size": (80, 96, 67)}[padded]
+    sh, sw, th, tw, target = _hidden_inputs(11, 8, 8, vs, vt, torch.float32, device, target_vocab=67)
+    sb = torch.randn(vs, device=device)
+    _check_hidden(backend, sh, sw, th, tw, target, sb=sb, chunk_size=4, kind="jsd", hard_weight=0.3,
+                  vocab_size=vocab_size)
+    # the padding rows of the student's weight and bias get exactly zero gradient
+    got = value_and_grads(lambda h, w, b: distill_loss(h, w, th, tw, target, student_bias=b,
+                                                       vocab_size=vocab_size, backend=backend), sh, sw, sb)
+    assert torch.equal(got[1][1][67:], torch.zeros_like(got[1][1][67:]))
+    assert torch.equal(got[1][2][67:], torch.zeros_like(got[1][2][67:]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_not_a_multiple_of_the_block(backend):
+    v = 1001 if backend == "triton" and INTERPRETED else 32001
+    sh, sw, th, tw, target = _hidden_inputs(5, 8, 8, v, v, torch.float32, device_for(backend))
+    _check_hidden(backend, sh, sw, th, tw, target, kind="reverse_kl", temperature=2.0, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_target_and_sum(backend):
+    sh, sw, th, tw, _ = _hidden_inputs(10, 8, 8, 50, 50, torch.float32, device_for(backend))
+    _check_hidden(backend, sh, sw, th, tw, None, kind="tvd", reduction="sum")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_gets_no_gradient(backend):
+    sh, sw, th, tw, target = _hidden_inputs(6, 8, 8, 30, 30, torch.float32, device_for(backend))
+    th.requires_grad_()
+    tw.requires_grad_()
+    sh.requires_grad_()
+    distill_loss(sh, sw, th, tw, target, kind="reverse_kl", backend=backend).backward()
+    assert th.grad is None and tw.grad is None and sh.grad is not None
+
+
+# ---- JSD(beta): endpoints and limits ----------------------------------------------------------
+
+def test_jsd_endpoints_are_the_kls_and_the_limits_hold():
+    s = torch.randn(7, 40, dtype=torch.float64)
+    t = torch.randn(7, 40, dtype=torch.float64)
+
+    def f(kind, beta=0.5):
+        return distill_loss_from_logits(s, t, kind=kind, beta=beta, temperature=2.0, backend="torch")
+
+    assert torch.equal(f("jsd", 0.0), f("forward_kl"))  # beta = 0: KL(teacher || student)
+    assert torch.equal(f("jsd", 1.0), f("reverse_kl"))  # beta = 1: KL(student || teacher)
+    eps = 1e-6  # the mixture form vanishes at the ends; divided by beta (1 - beta) it tends to the KLs
+    torch.testing.assert_close(f("jsd", eps) / eps, f("forward_kl"), rtol=1e-4, atol=0)
+    torch.testing.assert_close(f("jsd", 1 - eps) / eps, f("reverse_kl"), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_jsd_beta_on_every_backend(backend, beta):
+    device = device_for(backend)
+    s = torch.randn(9, 45, device=device) * 2
+    t = torch.randn(9, 45, device=device) * 2
+    kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta)
+    got = value_and_grads(lambda x: distill_loss_from_logits(x, t, kind="jsd", beta=beta, backend=backend), s)
+    if kind is not None:
+        same = value_and_grads(lambda x: distill_loss_from_logits(x, t, kind=kind, backend=backend), s)
+        assert torch.equal(got[0], same[0]) and torch.equal(got[1][0], same[1][0])
+    base = value_and_grads(lambda x: distill_loss_from_logits_reference(x, t, kind="jsd", beta=beta), s)
+    exact = value_and_grads(lambda x: distill_loss_from_logits_reference(x.double(), t.double(), kind="jsd",
+                                                                         beta=beta), s)
+    assert_close("loss", got[0], base[0], exact[0])
+    assert_close("dlogits", got[1][0], base[1][0], exact[1][0])
+
+
+# ---- distill_loss_from_logits ---------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_from_logits_matches_fp64_reference(backend, dtype, kind, reduction):
+    device = device_for(backend)
+    s = (torch.randn(3, 5, 77, device=device) * 2).to(dtype)
+    t = (torch.randn(3, 5, 77 + 13, device=device) * 2).to(dtype)  # padded teacher
+    target = torch.randint(0, 77, (3, 5), device=device)
+    target[0, ::2] = -100
+    g = torch.randn(3, 5, dtype=torch.float64, device=device) if reduction == "none" else None
+    options = dict(kind=kind, temperature=2.0, hard_weight=0.5, reduction=reduction)
+    got = value_and_grads(lambda x: distill_loss_from_logits(x, t, target, backend=backend, **options), s,
+                          grad_output=g)
+    base = value_and_grads(lambda x: distill_loss_from_logits_reference(x, t, target, **options), s,
+                           grad_output=g)
+    exact = value_and_grads(
+        lambda x: distill_loss_from_logits_reference(x.double(), t.double(), target, **options), s,
+        grad_output=g)
+    assert_close("loss", got[0], base[0], exact[0])
+    assert_close("dlogits", got[1][0], base[1][0], exact[1][0])
+
+
+# ---- top-k --------------------------------------------------------------------------------
+
+def _topk_inputs(n, h, v, k, dtype, device):
+    sh = torch.randn(n, h, dtype=dtype, device=device)
+    sw = torch.randn(v, h, dtype=dtype, device=device) * 2 / h ** 0.5
+    teacher = torch.randn(n, v, dtype=torch.float64, device=device) * 2
+    logprobs, ids = torch.log_softmax(teacher, -1).topk(k, -1)
+    target = torch.randint(0, v, (n,), device=device)
+    target[::3] = -100
+    return sh, sw, teacher, ids, logprobs.to(dtype), target
+
+
+@pytest.mark.parametrize("tail", ["none", "bucket"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_with_k_equal_v_is_the_dense_loss(tail, kind):
+    sh, sw, teacher, ids, logprobs, target = _topk_inputs(13, 8, 37, 37, torch.float64, torch.device("cpu"))
+    options = dict(kind=kind, temperature=2.0, hard_weight=0.3, target=target)
+    got = value_and_grads(
+        lambda h, w: topk_distill_loss(h, w, ids, logprobs, tail=tail, chunk_size=5, **options), sh, sw)
+    dense = value_and_grads(
+        lambda h, w: distill_loss_from_logits(h @ w.t(), teacher, backend="torch", **options), sh, sw)
+    torch.testing.assert_close(got[0], dense[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(got[1], dense[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tail", ["none", "bucket"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_matches_fp64_reference(dtype, tail, kind):
+    sh, sw, _, ids, logprobs, target = _topk_inputs(17, 8, 61, 6, dtype, torch.device("cpu"))
+    options = dict(kind=kind, beta=0.3, temperature=(0.5, 1.0, 2.0, 4.0)[KINDS.index(kind)], hard_weight=0.5,
+                   target=target)
+    got = value_and_grads(
+        lambda h, w: topk_distill_loss(h, w, ids, logprobs, tail=tail, chunk_size=4, **options), sh, sw)
+    base = value_and_grads(
+        lambda h, w: topk_distill_loss_reference(h @ w.t(), ids, logprobs, tail=tail, **options), sh, sw)
+    exact = value_and_grads(
+        lambda h, w: topk_distill_loss_reference(h.double() @ w.double().t(), ids, logprobs.double(),
+                                                 tail=tail, **options), sh, sw)
+    assert_close("loss", got[0], base[0], exact[0])
+    for name, a, b, c in zip(("dhidden", "dweight"), got[1], base[1], exact[1]):
+        assert_close(name, a, b, c)
+
+
+# ---- normalization, gradcheck, registration ---------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_items_gradient_accumulation_equals_one_big_batch(backend):
+    device = device_for(backend)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    sh, sw, th, tw, target = _hidden_inputs(30, 8, 8, 41, 41, dtype, device, ignore_every=3)
+    total = int((target != -100).sum())
+    options = dict(kind="jsd", hard_weight=0.5, temperature=2.0, backend=backend)
+    full = value_and_grads(lambda h, w: distill_loss(h, w, th, tw, target, **options), sh, sw)
+    w_leaf = sw.clone().requires_grad_()
+    acc_loss, grads_h = 0.0, []
+    for part in (slice(0, 11), slice(11, 30)):
+        h_leaf = sh[part].clone().requires_grad_()
+        loss = distill_loss(h_leaf, w_leaf, th[part], tw, target[part], num_items=torch.tensor(total),
+                            **options)
+        loss.backward()
+        acc_loss, grads_h = acc_loss + loss.detach(), grads_h + [h_leaf.grad]
+    torch.testing.assert_close(acc_loss, full[0])
+    torch.testing.assert_close(torch.cat(grads_h), full[1][0])
+    torch.testing.assert_close(w_leaf.grad, full[1][1])
+
+
+@pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_fp64_cpu(kind):
+    sh = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    sw = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    sb = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(6, 5, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64)
+    target = torch.tensor([0, 8, -100, 3, 3, 5])
+
+    def fn(h, w, b):
+        return distill_loss(h, w, th, tw, target, student_bias=b, kind=kind, beta=0.3, temperature=1.5,
+                            hard_weight=0.4, chunk_size=4, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (sh, sw, sb))
+    s = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 9, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x: distill_loss_from_logits(x, t, target[:5], kind=kind, reduction="none", hard_weight=0.4,
+                                           backend="cpu"), (s,))
+
+
+@pytest.mark.parametrize("tail", ["none", "bucket"])
+def test_topk_gradcheck_fp64(tail):
+    sh = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    sw = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    sb = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    lp, ids = torch.log_softmax(torch.randn(5, 9, dtype=torch.float64), -1).topk(3, -1)
+    target = torch.tensor([0, 8, -100, 3, 5])
+
+    def fn(h, w, b):
+        return topk_distill_loss(h, w, ids, lp, kind="jsd", beta=0.3, tail=tail, temperature=1.5,
+                                 target=target, hard_weight=0.4, chunk_size=2, student_bias=b)
+
+    assert torch.autograd.gradcheck(fn, (sh, sw, sb))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend):
+    device = device_for(backend)
+    ns = torch.ops.slmfast_triton if backend == "triton" else torch.ops.slmfast
+    s = torch.randn(6, 29, device=device, requires_grad=True)
+    t = torch.randn(6, 29, device=device)
+    target = torch.tensor([1, 0, -100, 28, 5, 2], device=device)
+    for kind in (2, 3):  # registration is kind-independent; jsd and tvd take the most branches
+        options = (kind, 0.3, 2.0, 0.5, -100)
+        torch.library.opcheck(ns.distill_fwd, (s, t, target, *options))
+        _, stats = ns.distill_fwd(s.detach(), t, target, *options)
+        torch.library.opcheck(ns.distill_bwd, (torch.randn(6, device=device), s.detach(), t, target, stats,
+                                               *options))
+    if backend == "cpu":
+        torch.library.opcheck(ns.distill_fwd_bwd_,
+                              (s.detach().clone(), t, None, torch.ones(()), 1, 0.5, 1.0, 0.0, -100))
+    sh, sw, th, tw, target = _hidden_inputs(7, 8, 8, 20, 24, torch.float32, device)
+    sb = torch.randn(20, device=device)
+    scale = torch.tensor(0.5, device=device)
+    torch.library.opcheck(torch.ops.slmfast_loss.distill_fused,
+                          (sh.requires_grad_(), sw.requires_grad_(), sb.requires_grad_(), th, tw, None,
+                           target, scale, 2, 0.3, 2.0, 0.5, -100, 20, 3, True, True, True, backend))
+    ids = torch.stack([torch.randperm(20, device=device)[:5] for _ in range(7)])
+    torch.library.opcheck(torch.ops.slmfast_loss.topk_distill_fused,
+                          (sh, sw, sb, ids, -torch.rand(7, 5, device=device) * 3, target, scale, 0, 0.5, 2.0,
+                           0.5, -100, "bucket", 3, True, True, True, "torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_fullgraph(backend):
+    device = device_for(backend)
+    sh, sw, th, tw, target = _hidden_inputs(9, 8, 8, 30, 30, torch.float32, device)
+    ids = torch.stack([torch.randperm(30, device=device)[:4] for _ in range(9)])
+    lp = -torch.rand(9, 4, device=device) * 3
+
+    def step(h, w):
+        dense = distill_loss(h * 2, w, th, tw, target, kind="jsd", temperature=2.0, hard_weight=0.3,
+                             chunk_size=4, num_items=torch.tensor(5.0), backend=backend)
+        logits = distill_loss_from_logits(h @ w.t(), th @ tw.t(), target, kind="tvd", backend=backend)
+        topk = topk_distill_loss(h, w, ids, lp, tail="bucket", target=target, chunk_size=4)
+        return dense + logits + topk
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = value_and_grads(compiled, sh, sw)
+    expected = value_and_grads(step, sh, sw)
+    torch.testing.assert_close(got[0], expected[0])
+    for a, b in zip(got[1], expected[1]):
+        torch.testing.assert_close(a, b)
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+class TestBadInput:
+    def _args(self, vs=20, vt=20, hs=8, ht=8):
+        return torch.randn(4, hs), torch.randn(vs, hs), torch.randn(4, ht), torch.randn(vt, ht)
+
+    def test_bad_kind(self, backend):
+        with pytest.raises(ValueError, match="kind must be one of"):
+            distill_loss(*self._args(), kind="kl", backend=backend)
+
+    def test_bad_reduction(self, backend):
+        with pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum'"):
+            distill_loss(*self._args(), reduction="none", backend=backend)
+
+    def test_bad_beta_and_temperature(self, backend):
+        with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
+            distill_loss(*self._args(), kind="jsd", beta=1.5, backend=backend)
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            distill_loss(*self._args(), temperature=0.0, backend=backend)
+
+    def test_mismatched_hidden_sizes(self, backend):
+        sh, sw, th, tw = self._args()
+        with pytest.raises(ValueError, match=r"student_hidden has hidden size 8 but student_weight has"):
+            distill_loss(sh, torch.randn(20, 9), th, tw, backend=backend)
+        with pytest.raises(ValueError, match=r"teacher_hidden has hidden size 8 but teacher_weight has"):
+            distill_loss(sh, sw, th, torch.randn(20, 7), backend=backend)
+        with pytest.raises(ValueError, match="teacher_hidden must have the leading shape of student_hidden"):
+            distill_loss(sh, sw, torch.randn(5, 8), tw, backend=backend)
+
+    def test_different_tokenizers(self, backend):
+        with pytest.raises(ValueError, match="cannot be paddings of one vocabulary"):
+            distill_loss(*self._args(vs=32000, vt=32768), backend=backend)
+        with pytest.raises(ValueError, match="vocab_size=40 must be in"):
+            distill_loss(*self._args(), vocab_size=40, backend=backend)
+
+    def test_target_out_of_range(self, backend):
+        with pytest.raises(ValueError, match=r"target\[3\] = 20 is out of range \[0, 20\)"):
+            distill_loss(*self._args(vt=30), torch.tensor([1, 2, 3, 20]), backend=backend)
+
+    def test_hard_weight_needs_target(self, backend):
+        with pytest.raises(ValueError, match="hard_weight > 0 needs a target"):
+            distill_loss(*self._args(), hard_weight=1.0, backend=backend)
+
+    def test_topk_k_larger_than_v(self, backend):
+        sh, sw, _, _ = self._args()
+        ids = torch.arange(21).expand(4, 21)
+        with pytest.raises(ValueError, match=r"k = 21 .* must be in \[1, V = 20\]"):
+            topk_distill_loss(sh, sw, ids, torch.zeros(4, 21))
+
+    def test_topk_bad_ids(self, backend):
+        sh, sw, _, _ = self._args()
+        with pytest.raises(ValueError, match="repeats an id"):
+            topk_distill_loss(sh, sw, torch.tensor([[1, 1]] * 4), torch.zeros(4, 2))
+        with pytest.raises(ValueError, match=r"outside \[0, 20\)"):
+            topk_distill_loss(sh, sw, torch.tensor([[1, 20]] * 4), torch.zeros(4, 2))
+        with pytest.raises(ValueError, match="tail must be one of"):
+            topk_distill_loss(sh, sw, torch.tensor([[1, 2]] * 4), torch.zeros(4, 2), tail="rest")

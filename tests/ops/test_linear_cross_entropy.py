@@ -1,0 +1,255 @@
+"""linear_cross_entropy on every available backend against the unfused float64 reference."""
+
+import pytest
+import torch
+
+from slmfast import backends
+from slmfast.functional import linear_cross_entropy
+from slmfast.ops.linear_cross_entropy import linear_cross_entropy_reference
+from tests.helpers import assert_close, backend_params, device_for, saved_tensor_bytes, value_and_grads
+
+BACKENDS = backend_params()
+INTERPRETED = not torch.cuda.is_available()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+OPTIONS = {
+    "plain": {},
+    "bias_smooth": {"bias": True, "label_smoothing": 0.1},
+    "softcap_sum": {"softcap": 4.0, "reduction": "sum"},
+    "none_bias_softcap": {"reduction": "none", "bias": True, "softcap": 2.5},
+}
+
+
+def _inputs(n, h, v, dtype, device, bias=False, ignore_every=4):
+    hidden = torch.randn(n, h, device=device).to(dtype)
+    weight = (torch.randn(v, h, device=device) / h ** 0.5 * 2).to(dtype)
+    b = (torch.randn(v, device=device) * 0.5).to(dtype) if bias else None
+    target = torch.randint(0, v, (n,), device=device)
+    target[::ignore_every] = -100
+    return hidden, weight, b, target
+
+
+def _check(backend, hidden, weight, bias, target, chunk_size=None, **options):
+    g = torch.randn(target.shape, dtype=torch.float64, device=hidden.device) \
+        if options.get("reduction") == "none" else None
+
+    def ours(h, w, b=None):
+        return linear_cross_entropy(h, w, target, b, chunk_size=chunk_size, backend=backend, **options)
+
+    def ref(h, w, b=None):
+        return linear_cross_entropy_reference(h, w, target, b, **options)
+
+    def ref64(h, w, b=None):
+        return ref(h.double(), w.double(), b.double() if b is not None else None)
+
+    args = (hidden, weight) if bias is None else (hidden, weight, bias)
+    got, base, exact = (value_and_grads(f, *args, grad_output=g) for f in (ours, ref, ref64))
+    assert got[0].dtype == hidden.dtype
+    assert_close("loss", got[0], base[0], exact[0])
+    for name, a, b, c in zip(("dhidden", "dweight", "dbias"), got[1], base[1], exact[1]):
+        assert a.dtype == hidden.dtype
+        assert_close(name, a, b, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_matches_fp64_reference(backend, dtype, option):
+    options = dict(OPTIONS[option])
+    bias = options.pop("bias", False)
+    hidden, weight, bias, target = _inputs(29, 24, 133, dtype, device_for(backend), bias=bias)
+    _check(backend, hidden, weight, bias, target, chunk_size=8, **options)  # 29 rows: chunks of 8, 8, 8, 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_not_a_multiple_of_the_block_and_default_chunk(backend):
+    v = 1001 if backend == "triton" and INTERPRETED else 32001
+    hidden, weight, bias, target = _inputs(9, 16, v, torch.float32, device_for(backend), bias=True)
+    _check(backend, hidden, weight, bias, target, label_smoothing=0.05)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_weight_with_bf16_hidden(backend):
+    device = device_for(backend)
+    hidden, weight, _, target = _inputs(13, 32, 70, torch.bfloat16, device)
+    weight = weight.float()
+    got = value_and_grads(lambda h, w: linear_cross_entropy(h, w, target, chunk_size=4, backend=backend),
+                          hidden, weight)
+    # F.linear's autocast semantics: the weight is cast to bf16 for the GEMM
+    base = value_and_grads(lambda h, w: linear_cross_entropy_reference(h, w.bfloat16(), target),
+                           hidden, weight)
+    exact = value_and_grads(
+        lambda h, w: linear_cross_entropy_reference(h.double(), w.bfloat16().double(), target),
+        hidden, weight)
+    assert got[1][1].dtype == torch.float32
+    assert_close("loss", got[0], base[0], exact[0])
+    assert_close("dhidden", got[1][0], base[1][0], exact[1][0])
+    assert_close("dweight", got[1][1], base[1][1], exact[1][1])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] in ("cpu", "torch")])
+def test_under_cpu_autocast(backend):
+    hidden, weight, _, target = _inputs(11, 16, 50, torch.float32, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = value_and_grads(lambda h, w: linear_cross_entropy(h, w, target, backend=backend),
+                              hidden, weight)
+        base = value_and_grads(lambda h, w: linear_cross_entropy_reference(h, w, target), hidden, weight)
+    exact = value_and_grads(lambda h, w: linear_cross_entropy_reference(h.bfloat16().double(),
+                                                                        w.bfloat16().double(), target),
+                            hidden, weight)
+    assert got[0].dtype == torch.bfloat16
+    assert_close("loss", got[0], base[0], exact[0])
+    for name, a, b, c in zip(("dhidden", "dweight"), got[1], base[1], exact[1]):
+        assert_close(name, a, b, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_and_no_grad(backend):
+    device = device_for(backend)
+    hidden, weight, _, target = _inputs(10, 8, 40, torch.float32, device)
+    h = hidden.clone().requires_grad_()
+    loss = linear_cross_entropy(h, weight, target, chunk_size=3, backend=backend)  # weight needs no grad
+    loss.backward()
+    expected = value_and_grads(lambda x: linear_cross_entropy_reference(x.double(), weight.double(), target),
+                               hidden)
+    torch.testing.assert_close(h.grad.double(), expected[1][0].double(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        value = linear_cross_entropy(hidden, weight, target, backend=backend)
+    torch.testing.assert_close(value.double(), expected[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_items_gradient_accumulation_equals_one_big_batch(backend):
+    device = device_for(backend)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    hidden, weight, _, target = _inputs(40, 12, 57, dtype, device, ignore_every=3)
+    total = int((target != -100).sum())
+    full = value_and_grads(lambda h, w: linear_cross_entropy(h, w, target, backend=backend), hidden, weight)
+    w_leaf = weight.clone().requires_grad_()
+    acc_loss, grads_h = 0.0, []
+    for part in (slice(0, 17), slice(17, 40)):  # micro-batches of unequal token counts
+        h_leaf = hidden[part].clone().requires_grad_()
+        loss = linear_cross_entropy(h_leaf, w_leaf, target[part], num_items=total, chunk_size=5,
+                                    backend=backend)
+        loss.backward()
+        acc_loss, grads_h = acc_loss + loss.detach(), grads_h + [h_leaf.grad]
+    torch.testing.assert_close(acc_loss, full[0])
+    torch.testing.assert_close(torch.cat(grads_h), full[1][0])
+    torch.testing.assert_close(w_leaf.grad, full[1][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_gives_zero_not_nan(backend):
+    device = device_for(backend)
+    hidden = torch.randn(6, 8, device=device, requires_grad=True)
+    weight = torch.randn(20, 8, device=device, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.full((6,), -100, device=device), backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_fp64_cpu(reduction):
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 10, -100, 3, 3, 5, 1])
+
+    def fn(h, w, b):
+        return linear_cross_entropy(h, w, target, b, label_smoothing=0.1, softcap=3.0, reduction=reduction,
+                                    chunk_size=3, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+@pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
+def test_saved_bytes_are_the_gradients_not_the_logits():
+    n, h, v = 64, 32, 500
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    saved, _ = saved_tensor_bytes(linear_cross_entropy, hidden, weight, target, chunk_size=16, backend="cpu")
+    assert saved == (n * h + v * h) * 4  # grad_hidden and grad_weight, computed in the forward
+    unfused, _ = saved_tensor_bytes(linear_cross_entropy_reference, hidden, weight, target)
+    assert unfused >= n * v * 4
+
+
+# ---- registration: opcheck and torch.compile ----------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    device = device_for(backend)
+    hidden, weight, bias, target = _inputs(9, 8, 30, torch.float32, device, bias=True)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    scale = torch.tensor(0.25, device=device)
+    ops = torch.ops.slmfast_loss
+    torch.library.opcheck(ops.linear_cross_entropy_fused,
+                          (h, w, b, target, scale, -100, 0.1, 3.0, 4, True, True, True, backend))
+    torch.library.opcheck(ops.linear_cross_entropy_rows, (h, w, None, target, -100, 0.0, 0.0, 4, backend))
+    torch.library.opcheck(ops.linear_cross_entropy_rows_bwd,
+                          (torch.randn(9, device=device), hidden, weight, bias, target, -100, 0.0, 2.0, 4,
+                           True, True, True, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiles_fullgraph(backend, reduction):
+    device = device_for(backend)
+    hidden, weight, _, target = _inputs(12, 16, 45, torch.float32, device)
+
+    def step(h, w):
+        loss = linear_cross_entropy(h * 1.5, w, target, chunk_size=5, reduction=reduction, backend=backend,
+                                    num_items=torch.tensor(7.0) if reduction == "mean" else None)
+        return loss.sum() * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = value_and_grads(compiled, hidden, weight)
+    expected = value_and_grads(step, hidden, weight)
+    torch.testing.assert_close(got[0], expected[0])
+    for a, b in zip(got[1], expected[1]):
+        torch.testing.assert_close(a, b)
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+class TestBadInput:
+    def test_target_out_of_range(self, backend):
+        with pytest.raises(ValueError, match=r"target\[2\] = 30 is out of range \[0, 30\)"):
+            linear_cross_entropy(torch.randn(3, 8), torch.randn(30, 8), torch.tensor([1, 2, 30]),
+                                 backend=backend)
+
+    def test_mismatched_hidden_size(self, backend):
+        with pytest.raises(ValueError, match=r"hidden has hidden size 8 but weight has shape \(30, 9\)"):
+            linear_cross_entropy(torch.randn(3, 8), torch.randn(30, 9), torch.tensor([1, 2, 3]),
+                                 backend=backend)
+
+    def test_bias_shape(self, backend):
+        with pytest.raises(ValueError, match=r"bias must have shape \(30,\)"):
+            linear_cross_entropy(torch.randn(3, 8), torch.randn(30, 8), torch.tensor([1, 2, 3]),
+                                 torch.randn(29), backend=backend)
+
+    def test_target_shape(self, backend):
+        with pytest.raises(ValueError, match=r"target must have shape \(3,\)"):
+            linear_cross_entropy(torch.randn(3, 8), torch.randn(30, 8), torch.tensor([1, 2]), backend=backend)
+
+    def test_bad_reduction(self, backend):
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            linear_cross_entropy(torch.randn(3, 8), torch.randn(30, 8), torch.tensor([1, 2, 3]),
+                                 reduction="batchmean", backend=backend)
+
+    def test_bad_softcap_and_chunk(self, backend):
+        with pytest.raises(ValueError, match="softcap must be > 0"):
+            linear_cross_entropy(torch.randn(3, 8), torch.randn(30, 8), torch.tensor([1, 2, 3]), softcap=-1.0,
+                                 backend=backend)
+        with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+            linear_cross_entropy(torch.randn(3, 8), torch.randn(30, 8), torch.tensor([1, 2, 3]),
+                                 chunk_size=-1, backend=backend)
+
+    def test_weight_dtype_mix(self, backend):
+        with pytest.raises(ValueError, match="weight must have the dtype of hidden"):
+            linear_cross_entropy(torch.randn(3, 8), torch.randn(30, 8, dtype=torch.float16),
+                                 torch.tensor([1, 2, 3]), backend=backend)
