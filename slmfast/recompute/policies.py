@@ -70,9 +70,10 @@ class _OffloadHooks:
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
 
     def pack(self, t: torch.Tensor):
-        if t.device.type == "cpu":
+        if t.device.type in ("cpu", "meta"):  # nothing to move (meta: shapes only, counted as kept)
             return t
-        host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device="cpu", pin_memory=True)
+        host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device="cpu",
+                           pin_memory=t.device.type == "cuda")
         if self.stream is not None and t.device.type == "cuda":
             self.stream.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(self.stream):
