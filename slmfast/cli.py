@@ -1,7 +1,9 @@
 """The one command line: `python -m slmfast <command>` (also installed as `slmfast`).
 
-Commands: info (versions, build and backends). Each command is a small function that parses
-its own arguments; later commands (demo, distill, pretrain, memory, bench) plug in the same way.
+Commands: info (versions, build and backends); demo, pretrain, distill (slmfast/distill/commands.py);
+memory (slmfast/recompute/command.py). Each command is a small function that parses its own
+arguments. Commands that take config overrides (`--section.key value`) receive the arguments
+argparse does not know in `args.overrides`.
 """
 
 from __future__ import annotations
@@ -57,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="versions, build info and available backends")
     info.add_argument("--json", action="store_true", help="print the same as JSON")
     info.set_defaults(func=cmd_info)
-    args = parser.parse_args(argv)
+    from slmfast.distill.commands import add_commands
+    from slmfast.recompute.command import add_command as add_memory_command
+    add_commands(sub)
+    add_memory_command(sub)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     return args.func(args)
 
 
