@@ -47,6 +47,8 @@ if step "build (CUDA)" 300 build.log env MAX_JOBS="$(nproc)" SLMFAST_BUILD_CUDA=
   step "bench attention (triton)" 180 bench_attention_triton.txt "$PY" benchmarks/bench_attention_triton.py --precompile
   step "bench attention" 150 bench_attention.txt "$PY" benchmarks/bench_attention.py --table --device cuda --quick --reps 5
   step "bench losses" 120 bench_losses.txt "$PY" benchmarks/bench_losses.py --table --device cuda --reps 3
+  step "bench train" 150 bench_train.txt "$PY" benchmarks/bench_train.py --device cuda --dtype bf16 --batch 8
+  step "bench recompute" 150 bench_recompute.txt "$PY" benchmarks/bench_recompute.py --table --device cuda --batch 4
 fi
 
 echo
@@ -56,5 +58,5 @@ printf '%-28s %-22s %6s\n' "step" "status" "time"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
 grep -E "passed|failed|error" "$OUT_DIR/pytest_gpu.log" 2>/dev/null | tail -1
 for f in "$OUT_DIR"/bench_*.txt; do
-  [ -f "$f" ] && { echo "--- $(basename "$f")"; grep -E "fwd\+bwd|saved" "$f"; }
+  [ -f "$f" ] && { echo "--- $(basename "$f")"; grep -E "fwd\+bwd|saved|slmfast|HF" "$f"; }
 done

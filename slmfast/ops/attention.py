@@ -59,6 +59,7 @@ from slmfast.ops import _checks
 OP = "attention"
 SDPA_OP = "scaled_dot_product_attention"
 GPU_HEAD_DIMS = (16, 256)  # head dims the triton and cuda kernels take
+CUDA_BWD_MAX_HEAD_DIM = 128  # csrc/cuda/attention_bwd.cu
 
 
 # ---- the reference --------------------------------------------------------------------------
@@ -338,7 +339,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = backends.select(OP, IMPLEMENTED, device, backend)
     rejected: set[str] = set()
-    while (why := _unsupported(name, q)) is not None:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    while (why := _unsupported(name, q, needs_grad)) is not None:
         name = _fall_back(name, why, rejected, device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     packed = cu_seqlens is not None
@@ -361,7 +363,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             if name != "cuda":
                 raise
             name = _fall_back(name, str(exc).splitlines()[0], rejected, device)
-            while (why := _unsupported(name, q)) is not None:
+            while (why := _unsupported(name, q, needs_grad)) is not None:
                 name = _fall_back(name, why, rejected, device)
 
 
@@ -372,8 +374,10 @@ def _fall_back(name: str, why: str, rejected: set[str], device: torch.device) ->
     return backends.fallback(OP, name, why, allowed, device)
 
 
-def _unsupported(name: str, q: torch.Tensor) -> str | None:
-    """What the triton or cuda kernels cannot take in this call (checked before running), or None."""
+def _unsupported(name: str, q: torch.Tensor, needs_grad: bool = False) -> str | None:
+    """What the triton or cuda kernels cannot take in this call (checked before running), or None.
+    The CUDA backward takes head dims up to CUDA_BWD_MAX_HEAD_DIM: a call that will need it goes
+    elsewhere up front, since a backward cannot change backend once the forward ran."""
     if name not in ("triton", "cuda"):
         return None
     lo, hi = GPU_HEAD_DIMS
@@ -386,6 +390,8 @@ def _unsupported(name: str, q: torch.Tensor) -> str | None:
         return f"{str(q.dtype).replace('torch.', '')} (its kernels take bfloat16 and float16)"
     if name == "cuda" and head_dim % 8 != 0:
         return f"head dim {head_dim} (its kernels need a multiple of 8)"
+    if name == "cuda" and needs_grad and head_dim > CUDA_BWD_MAX_HEAD_DIM:
+        return f"head dim {head_dim} with gradients (its backward takes up to {CUDA_BWD_MAX_HEAD_DIM})"
     return None
 
 

@@ -105,6 +105,28 @@ def test_patched_matches_unpatched(arch, padding, dtype):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_patch_swaps_the_expected_modules(arch):
+    """Matching outputs alone would pass if nothing were swapped: check what was."""
+    from slmfast import nn as snn
+
+    model = hf.patch(_model(arch))
+    layer = model.transformer.h[0] if arch == "gpt2" else model.model.layers[0]
+    if arch == "gpt2":
+        assert type(layer.ln_1) is snn.LayerNorm
+    else:
+        assert type(layer.input_layernorm) is snn.RMSNorm
+        assert layer.input_layernorm.offset == (1.0 if arch.startswith("gemma") else 0.0)
+    if arch == "phi3":
+        assert "forward" in vars(layer.mlp)                       # Phi-3's fused gate_up MLP
+    elif arch.startswith("gemma"):
+        assert type(layer.mlp) is snn.GeGLUMLP
+    elif arch != "gpt2":
+        assert type(layer.mlp) is snn.SwiGLUMLP
+    if arch != "gemma2":  # Gemma 2's attention softcap keeps its own attention
+        assert model.config._attn_implementation == "slmfast"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_unpatch_restores_everything(arch):
     model = _model(arch)
     before_classes = {n: type(m) for n, m in model.named_modules()}

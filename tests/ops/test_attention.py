@@ -327,6 +327,9 @@ def test_gpu_kernel_limits_are_known_before_running():
     assert "float32" in unsupported("cuda", torch.empty(1, 1, 1, 64))
     assert "multiple of 8" in unsupported("cuda", torch.empty(1, 1, 1, 36, dtype=torch.bfloat16))
     assert unsupported("cuda", torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)) is None
+    big = torch.empty(1, 1, 1, 256, dtype=torch.bfloat16)
+    assert unsupported("cuda", big) is None                      # forward only: the CUDA kernel takes it
+    assert "backward takes up to 128" in unsupported("cuda", big, needs_grad=True)
 
 
 @pytest.mark.parametrize("backend", TRITON)

@@ -83,14 +83,17 @@ def patch_norms(model: nn.Module, swaps: list[Swap]) -> int:
 
 
 def _activation(act) -> str | None:
-    """'silu', 'gelu_tanh', 'gelu' for the activations the fused GLU kernels implement."""
-    if isinstance(act, nn.SiLU):
-        return "silu"
-    approximate = getattr(act, "approximate", None)
+    """'silu', 'gelu_tanh', 'gelu' for the activations the fused GLU kernels implement: torch's
+    modules and transformers' own (activations.py: SiLUActivation, GELUTanh, NewGELUActivation,
+    GELUActivation), recognized by class name so that no transformers version is imported."""
     name = type(act).__name__
-    if name in ("PytorchGELUTanh", "GELUTanh") or (isinstance(act, nn.GELU) and approximate == "tanh"):
+    approximate = getattr(act, "approximate", None)
+    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
+        return "silu"
+    if name in ("PytorchGELUTanh", "GELUTanh", "NewGELUActivation") or \
+            (isinstance(act, nn.GELU) and approximate == "tanh"):
         return "gelu_tanh"
-    if isinstance(act, nn.GELU) and approximate == "none" or name == "GELUActivation":
+    if (isinstance(act, nn.GELU) and approximate == "none") or name == "GELUActivation":
         return "gelu"
     return None
 
@@ -122,7 +125,7 @@ def patch_mlps(model: nn.Module, swaps: list[Swap]) -> int:
                     _replace_child(parent, name, _new_gated_mlp(child, activation), swaps)
                     count += 1
             elif hasattr(child, "gate_up_proj") and hasattr(child, "down_proj") and \
-                    isinstance(getattr(child, "activation_fn", None), nn.SiLU):
+                    _activation(getattr(child, "activation_fn", None)) == "silu":
                 swaps.append(_ForwardSwap(child))
                 child.forward = types.MethodType(_phi3_forward, child)
                 count += 1
