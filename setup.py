@@ -133,12 +133,24 @@ def extensions():
 
 
 def main():
+    import sysconfig
+
     from torch.utils.cpp_extension import BuildExtension
+
+    class BuildExt(BuildExtension):
+        """torch's BuildExtension with one object directory, build/temp.<platform>-<python>, for
+        every way in: `pip install -e .` builds in a temporary directory otherwise, and the
+        `setup.py build_ext --inplace` that follows (make build) would compile everything again."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            tag = f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            self.build_temp = str(ROOT / "build" / tag)
 
     os.chdir(ROOT)
     setup(
         ext_modules=extensions(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+        cmdclass={"build_ext": BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)},
     )
 
 
