@@ -23,3 +23,13 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | No
     if t is None or dtype is None or t.dtype == dtype:
         return t
     return t.to(dtype)
+
+
+def promote_residual(x: torch.Tensor, residual: torch.Tensor | None):
+    """Under autocast a block's output (autocast dtype) meets a float32 residual stream: the sum
+    stays in the wider dtype, as x + residual would. Outside autocast a dtype mix is left to the
+    op's checks (an error that names the argument)."""
+    if residual is None or residual.dtype == x.dtype or linear_dtype(x) is None:
+        return x, residual
+    wide = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(wide), residual.to(wide)

@@ -53,7 +53,7 @@ from slmfast import backends
 from slmfast.ops import _checks
 from slmfast.ops import _loss_chunks as C
 from slmfast.ops import _loss_math as M
-from slmfast.ops.linear_cross_entropy import needs_grad, prepare_linear, select_backend
+from slmfast.ops.linear_cross_entropy import loss_dtype, needs_grad, prepare_linear, select_backend
 
 OP = "distill_loss"
 OP_LOGITS = "distill_loss_from_logits"
@@ -300,7 +300,7 @@ def distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, tea
     loss, *_ = torch.ops.slmfast_loss.distill_fused(
         sh, sw, sb, th, tw, tb, y, scale, k, float(beta), float(temperature), float(hard_weight),
         int(ignore_index), v, chunk, need[0], need[1], need[2], name)
-    return loss.to(sh.dtype)
+    return loss.to(loss_dtype(student_hidden, sh))
 
 
 def distill_loss_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -384,4 +384,4 @@ def topk_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
     loss, *_ = torch.ops.slmfast_loss.topk_distill_fused(
         sh, sw, sb, ids, lp, y, scale, k, float(beta), float(temperature), float(hard_weight),
         int(ignore_index), tail, chunk, need[0], need[1], need[2], name)
-    return loss.to(sh.dtype)
+    return loss.to(loss_dtype(student_hidden, sh))

@@ -186,6 +186,14 @@ def prepare_linear(op: str, hidden, weight, bias, name="hidden", weight_name="we
         bias.contiguous() if bias is not None else None)
 
 
+def loss_dtype(hidden: torch.Tensor, prepared: torch.Tensor) -> torch.dtype:
+    """The dtype of a loss on `hidden`: float32 under autocast (as F.cross_entropy's is: a bf16
+    loss of ~6 would carry 0.03 of rounding), else the inputs' dtype."""
+    if _amp.linear_dtype(hidden) is not None and hidden.dtype != torch.float64:
+        return torch.float32
+    return prepared.dtype
+
+
 def select_backend(op: str, implemented, device, dtype, backend):
     name = backends.select(op, implemented, device, backend)
     if name == "triton" and dtype == torch.float64:
@@ -228,7 +236,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
             raise ValueError(f"{OP}: num_items is the denominator of reduction='mean', got reduction='none'")
         rows = torch.ops.slmfast_loss.linear_cross_entropy_rows(h, w, b, y, int(ignore_index),
                                                                 float(label_smoothing), cap, chunk, name)
-        return rows.to(h.dtype).reshape(target.shape)
+        return rows.to(loss_dtype(hidden, h)).reshape(target.shape)
     scale = M.mean_scale(OP, y != ignore_index, n, reduction, num_items, acc, h.device)
     if any(need):
         loss, *_ = torch.ops.slmfast_loss.linear_cross_entropy_fused(
@@ -238,4 +246,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         rows = torch.ops.slmfast_loss.linear_cross_entropy_rows(h, w, b, y, int(ignore_index),
                                                                 float(label_smoothing), cap, chunk, name)
         loss = rows.sum() * scale
-    return loss.to(h.dtype)
+    return loss.to(loss_dtype(hidden, h))

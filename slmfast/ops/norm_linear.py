@@ -104,6 +104,7 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights, biases=
                     residual: torch.Tensor | None = None, offset: float = 0.0, *,
                     backend: str | None = None) -> tuple[torch.Tensor, ...]:
     """(F.linear(rms_norm(x), W_i, b_i) for each i) [+ (h,) with a residual]; see the module docstring."""
+    x, residual = _amp.promote_residual(x, residual)
     device = _rms.check_inputs(x, norm_weight, residual, eps, op=OP)
     weights = list(weights)
     if not weights:

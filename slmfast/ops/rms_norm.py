@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from slmfast import backends
-from slmfast.ops import _checks
+from slmfast.ops import _amp, _checks
 
 OP = "rms_norm"
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
@@ -170,6 +170,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
 
     Returns y, or (y, h) when `residual` is given.
     """
+    x, residual = _amp.promote_residual(x, residual)
     device = check_inputs(x, weight, residual, eps)
     name = select_backend(x, device, backend)
     if name == "torch":

@@ -1,5 +1,6 @@
 """slmfast.models: the Llama-style CausalLM built from slmfast.nn."""
 
+import copy
 import math
 
 import pytest
@@ -65,6 +66,30 @@ def test_labels_give_same_loss_as_logits():
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, expected)
     assert out.logits is None
+
+
+def test_bf16_autocast_matches_hf_under_autocast():
+    """Mixed precision as trainers use it: float32 weights and residual stream, bf16 matmuls.
+    Baseline: the same weights in transformers' Llama under the same autocast; oracle: float64."""
+    model = CausalLM(_tiny())
+    hf_model = model.to_hf()
+    ids = torch.randint(0, 512, (2, 33))
+
+    def loss_and_grads(m, autocast, dtype=torch.float32):
+        m = m.to(dtype)
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = m(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float().reshape(1), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    ours = loss_and_grads(model, True)
+    base = loss_and_grads(hf_model, True)
+    ref = loss_and_grads(copy.deepcopy(hf_model), False, torch.float64)
+    assert_close("loss", ours[0], base[0], ref[0].float())
+    for name, grad in ours[1].items():
+        key = name if name in base[1] else name.replace("lm_head.weight", "model.embed_tokens.weight")
+        assert_close(name, grad, base[1][key], ref[1][key])
 
 
 def test_packed_equals_unpacked():

@@ -70,6 +70,32 @@ def test_reduced_precision_inputs(backend, dtype, kind):
     _check_hidden(backend, sh, sw, th, tw, target, chunk_size=6, kind=kind, temperature=2.0, hard_weight=0.5)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+def test_under_cpu_autocast(backend):
+    """Mixed precision as the trainer runs it: float32 inputs, bf16 products, a float32 loss (as
+    F.cross_entropy's under autocast). Baseline: the reference under the same autocast; oracle:
+    float64 on the bf16-rounded inputs."""
+    sh, sw, th, tw, target = _hidden_inputs(13, 16, 24, 40, 40, torch.float32, torch.device("cpu"))
+
+    def rounded(t):
+        return t.bfloat16().double()
+
+    def ours(h, w):
+        return distill_loss(h, w, th, tw, target, hard_weight=0.5, backend=backend)
+
+    def reference(h, w):
+        return distill_loss_reference(h, w, th, tw, target, hard_weight=0.5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, base = value_and_grads(ours, sh, sw), value_and_grads(reference, sh, sw)
+    exact = value_and_grads(lambda h, w: distill_loss_reference(
+        rounded(h), rounded(w), rounded(th), rounded(tw), target, hard_weight=0.5), sh, sw)
+    assert got[0].dtype == torch.float32
+    assert_close("loss", got[0], base[0].float(), exact[0])
+    for name, a, b, c in zip(("dhidden", "dweight"), got[1], base[1], exact[1]):
+        assert_close(name, a, b, c)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("padded", ["teacher", "student", "both_vocab_size"])
 def test_vocab_padding_is_masked(backend, padded):
