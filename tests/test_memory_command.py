@@ -53,12 +53,14 @@ def test_local_transformers_directory_and_patch(tmp_path, capsys):
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=256,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     config.save_pretrained(tmp_path)          # config.json only: weights are not needed to count bytes
-    args = ["--model", str(tmp_path), "--batch", "2", "--seq", "64", "--dtype", "fp32"]
+    args = ["--model", str(tmp_path), "--batch", "1", "--seq", "64", "--dtype", "fp32", "--policy", "all"]
     plain = _json_report(capsys, *args)
     patched = _json_report(capsys, *args, "--patch")
-    assert plain["model"].startswith("transformers llama")
+    assert plain["model"].startswith("transformers llama") and plain["device"] == "cpu"
     assert len(plain["reports"]["none"]["activation_bytes_per_block"]) == 2
-    assert patched["reports"]["none"]["activation_bytes"] < plain["reports"]["none"]["activation_bytes"]
+    for policy in ("none", "selective"):
+        assert patched["reports"][policy]["activation_bytes"] < plain["reports"][policy]["activation_bytes"]
+    assert plain["reports"]["full"]["activation_bytes"] < plain["reports"]["selective"]["activation_bytes"]
 
 
 def test_budget_on_a_real_device(capsys):

@@ -6,10 +6,12 @@
 
 The model is a named slmfast config (slmfast.models.NAMED_CONFIGS), a slmfast model directory or
 a local transformers model directory (only its config.json is read: weights are not needed to
-count bytes). By default it is built on the meta device, where every op runs its shape-only
-(fake) kernel: the bytes saved for backward are exact for slmfast's fused kernels (each backend
-saves the same tensors, ops/<op>.py) and for torch's own ops, and a 1B model costs seconds, not
-gigabytes. A budget (`budget:0.5` or `budget:2GiB`) needs real timings, so it needs a real device.
+count bytes). slmfast models are built by default on the meta device, where every op runs its
+shape-only (fake) kernel: the bytes saved for backward are exact for slmfast's fused kernels (each
+backend saves the same tensors, ops/<op>.py) and for torch's own ops, and a 1B model costs
+seconds, not gigabytes. transformers models are built on the CPU by default: their mask code reads
+tensor values (packed-sequence detection), which meta tensors do not have; only the forward runs.
+A budget (`budget:0.5` or `budget:2GiB`) needs real timings, so it needs a real device.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def parse_policy(text: str):
     if not unit and number <= 1.0:
         return MemoryBudget(number)
     return MemoryBudget(int(number * _UNITS[unit]))
+
+
+def _is_transformers_dir(spec: str) -> bool:
+    config_file = Path(spec) / "config.json"
+    return config_file.is_file() and "model_type" in json.loads(config_file.read_text())
 
 
 def build_model(spec: str, device: torch.device, dtype: torch.dtype, patch: bool):
@@ -85,7 +92,7 @@ def run_memory(args: argparse.Namespace) -> int:
     import slmfast.recompute as rc
 
     policy = parse_policy(args.policy)
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cpu" if _is_transformers_dir(args.model) else "meta"))
     if isinstance(policy, rc.MemoryBudget) and device.type == "meta":
         raise ValueError("--policy budget:... measures step times, which needs a real device: "
                          "add --device cpu or --device cuda")
@@ -104,10 +111,10 @@ def run_memory(args: argparse.Namespace) -> int:
         rc.remove(model)
     if args.json:
         print(json.dumps({"model": description, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
-                          "device": args.device, "reports": {k: r.to_dict() for k, r in results.items()}},
+                          "device": str(device), "reports": {k: r.to_dict() for k, r in results.items()}},
                          indent=2))
         return 0
-    print(f"{description}: batch {args.batch} x seq {args.seq}, {args.dtype}, measured on {args.device}")
+    print(f"{description}: batch {args.batch} x seq {args.seq}, {args.dtype}, measured on {device}")
     for name, result in results.items():
         print(f"\npolicy: {name}\n{result.table()}")
     if len(results) > 1:
@@ -125,7 +132,9 @@ def add_command(sub) -> None:
     parser.add_argument("--policy", default="none",
                         help="none | selective | full | offload | all | budget:<fraction|bytes>")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    parser.add_argument("--device", default="meta", help="meta (shapes only; default), cpu or cuda")
+    parser.add_argument("--device", default=None,
+                        help="meta (shapes only; default for slmfast models), cpu (default for transformers "
+                             "models) or cuda")
     parser.add_argument("--patch", action="store_true", help="patch a transformers model with slmfast first")
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
     parser.set_defaults(func=_guarded_memory)
