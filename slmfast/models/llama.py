@@ -62,6 +62,11 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch
 
 
 class DecoderLayer(nn.Module):
+    # The "selective" recompute policy (slmfast/recompute/policies.py) is what these kernels do
+    # already: they save matmul inputs and attention's q, k, v, out, lse, and recompute the norms,
+    # the SwiGLU product and RoPE in backward. The policy leaves this block as it is.
+    SELECTIVE_IN_KERNELS = True
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         window = None if config.sliding_window is None else (config.sliding_window - 1, 0)

@@ -8,7 +8,10 @@ recomputing whole blocks costs ~30%. The policies:
   none       nothing changes
   selective  per block, save the outputs of the matmuls and of attention (its output and
              log-sum-exp), recompute everything else (torch.utils.checkpoint with a selective
-             policy, torch >= 2.4)
+             policy, torch >= 2.4). A block class that sets SELECTIVE_IN_KERNELS = True (slmfast's
+             own DecoderLayer) runs as it is: its fused kernels already keep only matmul inputs
+             and attention's q, k, v, out and lse, and recompute norms, the SwiGLU product and
+             RoPE in backward; wrapping it would only add copies (measured: 1.08x the bytes)
   full       checkpoint each block: save its inputs only, recompute the whole block in backward
   offload    like full, and the saved block inputs move to pinned CPU memory during the forward
              (asynchronously on a side stream when on a GPU) and come back for backward; on a
@@ -97,6 +100,8 @@ class _OffloadHooks:
 def _wrapped_forward(module: nn.Module, policy: str, *args, **kwargs):
     original = getattr(module, _ORIGINAL_FORWARD)
     if policy == "none" or not torch.is_grad_enabled():
+        return original(*args, **kwargs)
+    if policy == "selective" and getattr(module, "SELECTIVE_IN_KERNELS", False):
         return original(*args, **kwargs)
     if policy == "selective":
         return checkpoint(original, *args, use_reentrant=False, context_fn=_selective_context, **kwargs)
