@@ -6,9 +6,10 @@ to the embeddings or not. Parameter names are Hugging Face's LlamaForCausalLM na
 `to_hf` / `from_hf` copy state dicts key for key.
 
 What differs from a plain implementation is where the memory goes:
-  * each block hands the next one its output and the residual stream separately, so the add
-    is fused into the next RMSNorm (slmfast.functional.rms_norm with `residual=`), which saves
-    only the stream and one rstd per row;
+  * each RMSNorm is fused into the projections that read it (slmfast.nn.norm_linear), and the
+    attention's residual add into the post-attention norm (`residual=`): what is saved is the
+    residual stream and one rstd per row, never the normalized activation; blocks pass one
+    tensor, the stream, so a checkpointed block keeps one tensor;
   * with labels, the loss is slmfast.functional.linear_cross_entropy on the final hidden states:
     the (tokens x vocab) logits are never materialized;
   * packed sequences (`cu_seqlens`) run the packed attention, so documents packed in one row
@@ -77,21 +78,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
 
-    def forward(self, hidden, residual, position_embeddings, cu_seqlens=None, max_seqlen=None,
-                kv_cache=None):
-        """hidden: the previous block's output, not yet added to `residual` (the stream before
-        it; None for the first block). Returns (this block's output, the stream before it).
-        Each RMSNorm, with the residual add before it, is fused into the projections that read
-        it, so neither the sum nor the normalized activation is stored for backward."""
-        attn_kwargs = dict(position_embeddings=position_embeddings, cu_seqlens=cu_seqlens,
-                           max_seqlen=max_seqlen, kv_cache=kv_cache)
-        if residual is None:
-            residual = hidden
-            attn = self.self_attn.forward_with_norm(hidden, self.input_layernorm, **attn_kwargs)
-        else:
-            attn, residual = self.self_attn.forward_with_norm(hidden, self.input_layernorm, residual,
-                                                              **attn_kwargs)
-        return self.mlp.forward_with_norm(attn, self.post_attention_layernorm, residual)
+    def forward(self, stream, position_embeddings, cu_seqlens=None, max_seqlen=None, kv_cache=None):
+        """stream: the residual stream (B, T, H) or (N, H). Returns the stream after this block.
+        Both RMSNorms are fused into the projections that read them, the attention's residual add
+        into the second one, so neither a sum nor a normalized activation is stored for backward."""
+        attn = self.self_attn.forward_with_norm(
+            stream, self.input_layernorm, position_embeddings=position_embeddings, cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen, kv_cache=kv_cache)
+        mlp, stream = self.mlp.forward_with_norm(attn, self.post_attention_layernorm, stream)
+        return stream + mlp
 
 
 class LlamaModel(nn.Module):
@@ -109,12 +104,10 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)                       # (B, T, H) or (N, H)
         cos, sin = self.rotary_emb(position_ids)                     # (B, T, D) / (N, D), fp32
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
-        residual = None
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
-            hidden, residual = layer(hidden, residual, (cos, sin), cu_seqlens, max_seqlen, cache)
-        normed, _ = self.norm(hidden, residual)
-        return normed
+            hidden = layer(hidden, (cos, sin), cu_seqlens, max_seqlen, cache)
+        return self.norm(hidden)
 
 
 class CausalLM(nn.Module):
