@@ -22,8 +22,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, layer_table_main, print_table  # noqa: E402
-from benchmarks.interleaved import copy_bandwidth, measure_passes, ratio_rows, saved_row  # noqa: E402
+from benchmarks.common import environment, layer_table_main  # noqa: E402
+from benchmarks.interleaved import (  # noqa: E402
+    copy_bandwidth,
+    lazily_compiled,
+    measure_passes,
+    print_layer_table,
+    ratio_rows,
+    saved_row,
+)
 from slmfast.functional import layer_norm  # noqa: E402
 
 EPS = 1e-5
@@ -40,14 +47,7 @@ def slmfast_layer_norm(x, weight, bias, residual):
     return layer_norm(x, weight, bias, EPS, residual)
 
 
-_compiled = {}
-
-
-def compiled_layer_norm(x, weight, bias, residual):
-    if "fn" not in _compiled:
-        torch._functorch.config.donated_buffer = False  # the backward-only timing retains the graph
-        _compiled["fn"] = torch.compile(eager_layer_norm)
-    return _compiled["fn"](x, weight, bias, residual)
+compiled_layer_norm = lazily_compiled(eager_layer_norm)
 
 
 IMPLS = {"slmfast": slmfast_layer_norm, "eager": eager_layer_norm, "compiled": compiled_layer_norm}
@@ -79,10 +79,7 @@ def run_table(device: str, quick: bool, reps: int) -> None:
             label = {"dtype": str(dtype).replace("torch.", ""), "shape": f"{shape[0]}x{shape[1]}"}
             rows += ratio_rows(label, times, min_bytes(shape, dtype))
             rows.append(saved_row(label, saved))
-    print_table(rows, ["dtype", "shape", "pass", "slmfast ms", "eager ms", "compiled ms", "vs eager",
-                       "vs compiled", "GB/s"])
-    print("(ratios are slmfast / baseline time: < 1 is faster; 'saved MB' rows compare bytes saved for "
-          "backward; the compiled column there counts the eager graph's saves)")
+    print_layer_table(rows)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

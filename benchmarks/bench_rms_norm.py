@@ -21,8 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, layer_table_main, print_table  # noqa: E402
-from benchmarks.interleaved import copy_bandwidth, measure_passes, ratio_rows, saved_row  # noqa: E402
+from benchmarks.common import environment, layer_table_main  # noqa: E402
+from benchmarks.interleaved import (  # noqa: E402
+    copy_bandwidth,
+    lazily_compiled,
+    measure_passes,
+    print_layer_table,
+    ratio_rows,
+    saved_row,
+)
 from slmfast.functional import rms_norm  # noqa: E402
 
 EPS = 1e-6
@@ -41,16 +48,7 @@ def slmfast_rms_norm(x, weight, residual):
     return rms_norm(x, weight, EPS, residual)
 
 
-_compiled = {}
-
-
-def compiled_rms_norm(x, weight, residual):
-    if "fn" not in _compiled:
-        # The backward-only timing re-runs one graph's backward (retain_graph), which donated
-        # buffers forbid; turning them off costs the compiled baseline nothing measurable here.
-        torch._functorch.config.donated_buffer = False
-        _compiled["fn"] = torch.compile(eager_rms_norm)
-    return _compiled["fn"](x, weight, residual)
+compiled_rms_norm = lazily_compiled(eager_rms_norm)
 
 
 IMPLS = {"slmfast": slmfast_rms_norm, "eager": eager_rms_norm, "compiled": compiled_rms_norm}
@@ -85,10 +83,7 @@ def run_table(device: str, quick: bool, reps: int) -> None:
             label = {"dtype": str(dtype).replace("torch.", ""), "shape": f"{shape[0]}x{shape[1]}"}
             rows += ratio_rows(label, times, min_bytes(shape, dtype))
             rows.append(saved_row(label, saved))
-    print_table(rows, ["dtype", "shape", "pass", "slmfast ms", "eager ms", "compiled ms", "vs eager",
-                       "vs compiled", "GB/s"])
-    print("(ratios are slmfast / baseline time: < 1 is faster; 'saved MB' rows compare bytes "
-          "saved for backward; the compiled column there counts the eager graph's saves)")
+    print_layer_table(rows)
 
 
 # ---- pytest-benchmark entry points ---------------------------------------------------------

@@ -23,8 +23,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, layer_table_main, print_table  # noqa: E402
-from benchmarks.interleaved import copy_bandwidth, measure_passes, ratio_rows, saved_row  # noqa: E402
+from benchmarks.common import environment, layer_table_main  # noqa: E402
+from benchmarks.interleaved import (  # noqa: E402
+    copy_bandwidth,
+    lazily_compiled,
+    measure_passes,
+    print_layer_table,
+    ratio_rows,
+    saved_row,
+)
 from slmfast.functional import rotary  # noqa: E402
 from slmfast.nn import RotaryEmbedding  # noqa: E402
 
@@ -43,14 +50,7 @@ def eager_rotary(q, k, cos, sin):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-_compiled = {}
-
-
-def compiled_rotary(q, k, cos, sin):
-    if "fn" not in _compiled:
-        torch._functorch.config.donated_buffer = False  # the backward-only timing retains the graph
-        _compiled["fn"] = torch.compile(eager_rotary)
-    return _compiled["fn"](q, k, cos, sin)
+compiled_rotary = lazily_compiled(eager_rotary)
 
 
 IMPLS = {"slmfast": rotary, "eager": eager_rotary, "compiled": compiled_rotary}
@@ -83,10 +83,7 @@ def run_table(device: str, quick: bool, reps: int) -> None:
             label = {"dtype": str(dtype).replace("torch.", ""), "shape": "B{} T{} H{}/{} D{}".format(*shape)}
             rows += ratio_rows(label, times, min_bytes(shape, dtype))
             rows.append(saved_row(label, saved))
-    print_table(rows, ["dtype", "shape", "pass", "slmfast ms", "eager ms", "compiled ms", "vs eager",
-                       "vs compiled", "GB/s"])
-    print("(ratios are slmfast / baseline time: < 1 is faster; 'saved MB' rows compare bytes saved for "
-          "backward; the compiled column there counts the eager graph's saves)")
+    print_layer_table(rows)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

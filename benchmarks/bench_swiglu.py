@@ -21,8 +21,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, layer_table_main, print_table  # noqa: E402
-from benchmarks.interleaved import copy_bandwidth, measure_passes, ratio_rows, saved_row  # noqa: E402
+from benchmarks.common import environment, layer_table_main  # noqa: E402
+from benchmarks.interleaved import (  # noqa: E402
+    copy_bandwidth,
+    lazily_compiled,
+    measure_passes,
+    print_layer_table,
+    ratio_rows,
+    saved_row,
+)
 from slmfast.functional import swiglu  # noqa: E402
 
 SHAPES = [(8192, 2048), (8192, 4096)]  # (B*T, width of gate and up)
@@ -33,16 +40,7 @@ def eager_swiglu(gate, up):
     return F.silu(gate) * up
 
 
-_compiled = {}
-
-
-def compiled_swiglu(gate, up):
-    if "fn" not in _compiled:
-        # The backward-only timing re-runs one graph's backward (retain_graph), which donated
-        # buffers forbid; turning them off costs the compiled baseline nothing measurable here.
-        torch._functorch.config.donated_buffer = False
-        _compiled["fn"] = torch.compile(eager_swiglu)
-    return _compiled["fn"](gate, up)
+compiled_swiglu = lazily_compiled(eager_swiglu)
 
 
 IMPLS = {"slmfast": swiglu, "eager": eager_swiglu, "compiled": compiled_swiglu}
@@ -75,10 +73,7 @@ def run_table(device: str, quick: bool, reps: int) -> None:
             label = {"dtype": str(dtype).replace("torch.", ""), "shape": f"{shape[0]}x{shape[1]}"}
             rows += ratio_rows(label, times, min_bytes(shape, dtype))
             rows.append(saved_row(label, saved))
-    print_table(rows, ["dtype", "shape", "pass", "slmfast ms", "eager ms", "compiled ms", "vs eager",
-                       "vs compiled", "GB/s"])
-    print("(ratios are slmfast / baseline time: < 1 is faster; 'saved MB' rows compare bytes saved for "
-          "backward; the compiled column there counts the eager graph's saves)")
+    print_layer_table(rows)
 
 
 # ---- pytest-benchmark entry points ---------------------------------------------------------

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from benchmarks.common import sync
+from benchmarks.common import print_table, sync
 
 
 def time_interleaved(fns: dict, device="cpu", warmup: int = 2, reps: int = 15, min_time: float = 0.0) -> dict:
@@ -113,3 +113,31 @@ def saved_row(label: dict, saved: dict) -> dict:
                           "eager ms": f"{saved['eager'] / 2**20:.1f}",
                           "compiled ms": f"{saved['compiled'] / 2**20:.1f}",
                           "vs eager": f"{saved['slmfast'] / saved['eager']:.2f}"})
+
+
+def lazily_compiled(eager_fn):
+    """torch.compile(eager_fn), compiled at its first call (so that importing a benchmark costs
+    nothing): the torch.compile baseline of the layer benchmarks."""
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            # The backward-only timing re-runs one graph's backward (retain_graph), which donated
+            # buffers forbid; turning them off costs the compiled baseline nothing measurable here.
+            torch._functorch.config.donated_buffer = False
+            compiled = torch.compile(eager_fn)
+        return compiled(*args)
+
+    return call
+
+
+LAYER_COLUMNS = ["dtype", "shape", "pass", "slmfast ms", "eager ms", "compiled ms", "vs eager", "vs compiled",
+                 "GB/s"]
+
+
+def print_layer_table(rows: list[dict]) -> None:
+    """The layer benchmarks' table (ratio_rows and saved_row rows) and how to read it."""
+    print_table(rows, LAYER_COLUMNS)
+    print("(ratios are slmfast / baseline time: < 1 is faster; 'saved MB' rows compare bytes saved for "
+          "backward; the compiled column there counts the eager graph's saves)")

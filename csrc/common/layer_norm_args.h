@@ -10,7 +10,7 @@
 
 #include "checks.h"
 #include "params.h"
-#include "rms_norm_args.h"  // to_dtype, acc_dtype, check_rms_norm_weight
+#include "rms_norm_args.h"  // to_dtype, acc_dtype, check_rms_norm_weight, check_residual
 
 namespace slmfast {
 
@@ -31,14 +31,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd
     SLM_CHECK_CONTIGUOUS(op, b);
   }
   SLM_CHECK(op, eps >= 0.0, "eps must be >= 0, got ", eps);
-  const bool has_residual = residual.has_value() && residual->defined();
-  if (has_residual) {
-    const at::Tensor& r = *residual;
-    SLM_CHECK_DEVICE(op, r, x.device());
-    SLM_CHECK_SAME_SHAPE(op, r, x);
-    SLM_CHECK_DTYPE(op, r, x.scalar_type());
-    SLM_CHECK_CONTIGUOUS(op, r);
-  }
+  const bool has_residual = check_residual(op, residual, x);
   const int64_t cols = x.size(-1);
   const int64_t rows = x.numel() / cols;
   at::Tensor y = at::empty_like(x);

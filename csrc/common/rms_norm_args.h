@@ -42,6 +42,18 @@ inline void check_rms_norm_weight(const char* op, const at::Tensor& x, const at:
 
 // Checks the forward's inputs, allocates (y, h, rstd) and fills the params struct.
 // h is an empty tensor when there is no residual (the input x is then what backward needs).
+// The residual of a fused "add then normalize" (rms_norm, layer_norm): absent, or x's twin
+// (device, shape, dtype, contiguous). Returns whether it is given.
+inline bool check_residual(const char* op, const std::optional<at::Tensor>& residual, const at::Tensor& x) {
+  if (!residual.has_value() || !residual->defined()) return false;
+  const at::Tensor& r = *residual;
+  SLM_CHECK_DEVICE(op, r, x.device());
+  SLM_CHECK_SAME_SHAPE(op, r, x);
+  SLM_CHECK_DTYPE(op, r, x.scalar_type());
+  SLM_CHECK_CONTIGUOUS(op, r);
+  return true;
+}
+
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd_prepare(
     const char* op, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& residual, double eps, double offset, RmsNormFwdParams& p) {
@@ -51,14 +63,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd_prepare(
             "x must have at least one dimension and a non-empty last dimension, got ", x.sizes());
   check_rms_norm_weight(op, x, weight);
   SLM_CHECK(op, eps >= 0.0, "eps must be >= 0, got ", eps);
-  const bool has_residual = residual.has_value() && residual->defined();
-  if (has_residual) {
-    const at::Tensor& r = *residual;
-    SLM_CHECK_DEVICE(op, r, x.device());
-    SLM_CHECK_SAME_SHAPE(op, r, x);
-    SLM_CHECK_DTYPE(op, r, x.scalar_type());
-    SLM_CHECK_CONTIGUOUS(op, r);
-  }
+  const bool has_residual = check_residual(op, residual, x);
   const int64_t cols = x.size(-1);
   const int64_t rows = x.numel() / cols;
   at::Tensor y = at::empty_like(x);
