@@ -1,14 +1,25 @@
 """Build script for slmfast's extension module slmfast._C.
 
-Always builds the C++ CPU kernels (csrc/slmfast.cpp, csrc/cpu/*.cpp), with OpenMP when the
-compiler has it (at::parallel_for is OpenMP-based and runs serially without it) and with the
-widest at::vec ISA this CPU supports. Builds the CUDA kernels (csrc/cuda/*.cu and
-csrc/cuda/bindings.cpp) only when torch has CUDA and nvcc is found.
+Always builds the C++ CPU part, with OpenMP when the compiler has it (at::parallel_for is
+OpenMP-based and runs serially without it):
+  * csrc/slmfast.cpp and csrc/cpu/*.cpp (schemas, argument checks, dispatch) for the baseline ISA
+    of the target only (no -m flags), so that the extension imports and runs on any machine of
+    its architecture, whatever machine built it;
+  * csrc/cpu/kernels/*.cpp (the vectorized kernels) once per CPU capability: DEFAULT (baseline),
+    and on x86-64 also AVX2 (-mavx2 -mfma -mf16c) and AVX512 (-mavx512f/bw/vl/dq), each copy with
+    -DCPU_CAPABILITY=<name> in its own namespace. The extension picks the best copy the CPU
+    supports at run time (csrc/cpu/capability.h; SLMFAST_CPU_CAPABILITY caps it).
+  Link order puts the baseline objects first: where the copies share an inline function from a
+  header (ATen, c10, the standard library), the linker keeps the first definition it meets, which
+  is then the baseline one. tools/isa_check.py verifies the built library.
+Builds the CUDA kernels (csrc/cuda/*.cu and csrc/cuda/bindings.cpp) only when torch has CUDA and
+nvcc is found.
 
 Environment:
   SLMFAST_BUILD_CUDA=0|1|auto   CUDA part: never, always (error if impossible), when possible (default)
   TORCH_CUDA_ARCH_LIST          overrides the default archs (sm_80 and sm_90a)
-  SLMFAST_CPU_CAPABILITY=auto|avx512|avx2|default   at::vec ISA for the CPU kernels (default auto)
+  SLMFAST_CPU_CAPABILITIES      comma-separated subset of default,avx2,avx512 to compile (default:
+                                every one the compiler accepts; default is always compiled)
   MAX_JOBS                      parallel compile jobs (torch's BuildExtension reads it)
 """
 
@@ -26,8 +37,14 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 CSRC = Path("csrc")  # relative: setuptools refuses absolute source paths
 DEFAULT_CUDA_GENCODES = (("80", "sm_80"), ("90a", "sm_90a"))
-AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+# The compiler flags of each CPU capability's copy of csrc/cpu/kernels/ (x86-64), matching what
+# csrc/cpu/capability.cpp checks with cpuid before it runs a copy (and ATen's own AVX2/AVX512).
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+KERNELS = CSRC / "cpu" / "kernels"
 
 
 def read_version() -> str:
@@ -47,28 +64,17 @@ def compiler_accepts(flags: list[str]) -> bool:
         return result.returncode == 0
 
 
-def cpu_capability() -> tuple[str, list[str]]:
-    """The at::vec ISA to compile for: (name, compiler flags and CPU_CAPABILITY defines)."""
-    requested = os.environ.get("SLMFAST_CPU_CAPABILITY", "auto").lower()
-    if requested not in ("auto", "avx512", "avx2", "default"):
-        sys.exit(f"SLMFAST_CPU_CAPABILITY must be auto, avx512, avx2 or default, got {requested!r}")
-    if requested == "auto":
-        requested = "default"
-        if platform.machine() in ("x86_64", "AMD64") and Path("/proc/cpuinfo").exists():
-            flags = set()
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-            if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-                requested = "avx512"
-            elif {"avx2", "fma"} <= flags:
-                requested = "avx2"
-    if requested == "avx512" and compiler_accepts(AVX512_FLAGS):
-        return "AVX512", AVX512_FLAGS + ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if requested in ("avx512", "avx2") and compiler_accepts(AVX2_FLAGS):
-        return "AVX2", AVX2_FLAGS + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return "DEFAULT", ["-DCPU_CAPABILITY=DEFAULT"]
+def cpu_capabilities() -> list[str]:
+    """The CPU capabilities to compile csrc/cpu/kernels/ for, DEFAULT first."""
+    requested = os.environ.get("SLMFAST_CPU_CAPABILITIES", "default,avx2,avx512")
+    names = [n.strip().upper() for n in requested.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CPU_CAPABILITY_FLAGS]
+    if unknown:
+        sys.exit(f"SLMFAST_CPU_CAPABILITIES takes default, avx2, avx512; got {', '.join(unknown)}")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["DEFAULT"]  # at::vec's DEFAULT path (NEON on aarch64 builds of torch) only
+    wanted = ["DEFAULT"] + [n for n in ("AVX2", "AVX512") if n in names]
+    return [n for n in wanted if n == "DEFAULT" or compiler_accepts(CPU_CAPABILITY_FLAGS[n])]
 
 
 def want_cuda(torch_module, cuda_home) -> tuple[bool, str]:
@@ -106,7 +112,6 @@ def extensions():
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     version = read_version()
-    cap_name, cap_flags = cpu_capability()
     openmp = ["-fopenmp"] if compiler_accepts(["-fopenmp"]) else []
     build_cuda, why_not = want_cuda(torch, CUDA_HOME)
     if not build_cuda:
@@ -114,8 +119,8 @@ def extensions():
 
     sources = [str(CSRC / "slmfast.cpp")] + sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp"))
     # Bare tokens, stringified in csrc/slmfast.cpp: quotes do not survive the ninja command line.
-    defines = [f"-DSLMFAST_VERSION={version}", f"-DSLMFAST_CPU_CAPABILITY_NAME={cap_name}"]
-    cxx_flags = ["-O3", "-std=c++17", "-Wno-unknown-pragmas", *openmp, *cap_flags, *defines]
+    defines = [f"-DSLMFAST_VERSION={version}"]
+    cxx_flags = ["-O3", "-std=c++17", "-Wno-unknown-pragmas", *openmp, *defines]
     link_flags = [*openmp]
     if not build_cuda:
         return [CppExtension("slmfast._C", sources, extra_compile_args={"cxx": cxx_flags},
@@ -138,14 +143,32 @@ def main():
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildExt(BuildExtension):
-        """torch's BuildExtension with one object directory, build/temp.<platform>-<python>, for
-        every way in: `pip install -e .` builds in a temporary directory otherwise, and the
-        `setup.py build_ext --inplace` that follows (make build) would compile everything again."""
+        """torch's BuildExtension with
+        * one object directory, build/temp.<platform>-<python>, for every way in: `pip install -e .`
+          builds in a temporary directory otherwise, and the `setup.py build_ext --inplace` that
+          follows (make build) would compile everything again;
+        * the kernels of csrc/cpu/kernels/ compiled once per CPU capability, each into its own
+          object folder (build/temp.../<CAPABILITY>/), with the extension's flags plus the
+          capability's, and linked after the baseline objects (see the module docstring)."""
 
         def finalize_options(self):
             super().finalize_options()
             tag = f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
             self.build_temp = str(ROOT / "build" / tag)
+
+        def build_extension(self, ext):
+            kernel_sources = sorted(str(p) for p in KERNELS.glob("*.cpp"))
+            flags = ext.extra_compile_args
+            common = list(flags["cxx"] if isinstance(flags, dict) else flags)
+            objects = []
+            for name in cpu_capabilities():
+                isa = CPU_CAPABILITY_FLAGS[name] + [f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"]
+                objects += self.compiler.compile(
+                    kernel_sources, output_dir=str(Path(self.build_temp) / name), macros=ext.define_macros,
+                    include_dirs=ext.include_dirs, debug=self.debug,
+                    extra_postargs={"cxx": common + isa, "nvcc": []})
+            ext.extra_objects = objects + [o for o in ext.extra_objects if o not in objects]
+            super().build_extension(ext)
 
     os.chdir(ROOT)
     setup(

@@ -49,10 +49,37 @@ def commit() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its matrix/vector extensions that matter here (AMX, AVX512-BF16),
+    from /proc/cpuinfo (what `lscpu` prints), e.g. "AMD EPYC (AVX-512, AVX512-BF16, no AMX)"."""
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    if not flags:
+        return model
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    extras = [isa] + (["AVX512-BF16"] if "avx512_bf16" in flags else [])
+    extras.append("AMX" if "amx_tile" in flags else "no AMX")
+    return f"{model} ({', '.join(extras)})"
+
+
 def device_name(device: torch.device | str = "cpu") -> str:
+    """The device a figure was measured on; for the CPU, also the vector ISA slmfast's CPU kernels
+    ran with (capped by SLMFAST_CPU_CAPABILITY)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    from slmfast import backends
+    try:
+        chosen = backends.cpu_capabilities()["chosen"]
+    except RuntimeError as exc:
+        chosen = f"unusable: {exc}"
+    return f"{cpu_model()} CPU, {torch.get_num_threads()} threads, slmfast cpu kernels: {chosen}"
 
 
 def environment(device="cpu") -> str:

@@ -14,14 +14,13 @@
 
 #include <string>
 
+#include "cpu/capability.h"
+
 // setup.py passes these as bare tokens (quotes do not survive the ninja command line).
 #define SLMFAST_STR(...) #__VA_ARGS__
 #define SLMFAST_XSTR(...) SLMFAST_STR(__VA_ARGS__)
 #ifndef SLMFAST_VERSION
 #define SLMFAST_VERSION unknown
-#endif
-#ifndef SLMFAST_CPU_CAPABILITY_NAME
-#define SLMFAST_CPU_CAPABILITY_NAME DEFAULT
 #endif
 #ifndef SLMFAST_CUDA_ARCHS
 #define SLMFAST_CUDA_ARCHS
@@ -104,7 +103,6 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
-  info["cpu_capability"] = SLMFAST_XSTR(SLMFAST_CPU_CAPABILITY_NAME);
 #if defined(__clang__)
   info["compiler"] = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)
@@ -118,10 +116,30 @@ pybind11::dict build_info() {
   return info;
 }
 
+pybind11::list capability_names(const std::vector<slmfast::cpu::Capability>& caps) {
+  pybind11::list out;
+  for (const auto c : caps) out.append(slmfast::cpu::capability_name(c));
+  return out;
+}
+
+// {"compiled": [...], "supported": [...], "chosen": name}: see csrc/cpu/capability.h.
+pybind11::dict cpu_capability_info() {
+  pybind11::dict info;
+  info["compiled"] = capability_names(slmfast::cpu::compiled_capabilities());
+  info["supported"] = capability_names(slmfast::cpu::supported_capabilities());
+  info["chosen"] = slmfast::cpu::capability_name(slmfast::cpu::chosen_capability());
+  return info;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "slmfast C++/CUDA kernels; ops are registered under torch.ops.slmfast";
   m.def("build_info", &build_info,
-        "What this extension was compiled with: CUDA archs, OpenMP, CPU vector ISA, compiler, torch.");
+        "What this extension was compiled with: version, CUDA archs, OpenMP, compiler, torch.");
+  m.def("cpu_capability_info", &cpu_capability_info,
+        "The CPU kernels' vector ISAs: compiled, supported by this CPU, and chosen (lowest first).");
+  m.def("set_cpu_capability", &slmfast::cpu::set_cpu_capability, pybind11::arg("name"),
+        "Run the CPU kernels with capability `name` (default, avx2, avx512) from now on; returns the "
+        "previous choice. Raises when this build or this CPU lacks it.");
 }

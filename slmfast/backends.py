@@ -17,6 +17,7 @@ path that cannot take some argument) into an error.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -62,6 +63,45 @@ def build_info() -> dict:
     return dict(ext.build_info()) if ext is not None else {}
 
 
+CPU_CAPABILITIES = ("default", "avx2", "avx512")  # lowest to highest
+ENV_CPU_CAPABILITY = "SLMFAST_CPU_CAPABILITY"
+
+
+def cpu_capabilities() -> dict:
+    """The vector ISAs of the C++ CPU kernels: {"compiled": [...], "supported": [...], "chosen": str}.
+
+    slmfast._C holds every CPU kernel once per capability it was compiled for; at run time it
+    picks the best one this CPU supports, capped by SLMFAST_CPU_CAPABILITY (read at the first
+    kernel call) or by set_cpu_capability(). Lists go from lowest to highest. Empty lists and
+    chosen None when the extension is not built.
+    """
+    ext = extension()
+    if ext is None:
+        return {"compiled": [], "supported": [], "chosen": None}
+    return dict(ext.cpu_capability_info())
+
+
+def set_cpu_capability(name: str) -> str:
+    """Run the C++ CPU kernels with the `name` vector path from now on (one of CPU_CAPABILITIES;
+    it must be compiled and supported by this CPU, else ValueError). Returns the previous choice."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(extension_error())
+    if name not in CPU_CAPABILITIES:
+        raise ValueError(f"cpu capability must be one of {', '.join(CPU_CAPABILITIES)}, got {name!r}")
+    return ext.set_cpu_capability(name)
+
+
+@contextlib.contextmanager
+def use_cpu_capability(name: str):
+    """with use_cpu_capability("avx2"): ... runs the C++ CPU kernels on their AVX2 path (tests)."""
+    previous = set_cpu_capability(name)
+    try:
+        yield
+    finally:
+        set_cpu_capability(previous)
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -88,7 +128,14 @@ def status(name: str) -> BackendStatus:
             return BackendStatus("cpu", False, extension_error())
         info = build_info()
         threads = "OpenMP" if info.get("openmp") else "no OpenMP: one thread"
-        return BackendStatus("cpu", True, f"C++ kernels ({info.get('cpu_capability')}, {threads})")
+        try:
+            caps = cpu_capabilities()
+        except RuntimeError as exc:
+            # SLMFAST_CPU_CAPABILITY asks for what this CPU or build lacks: the backend stays
+            # chosen, so that every call raises this error instead of silently running elsewhere.
+            return BackendStatus("cpu", True, f"C++ kernels, unusable: {exc}")
+        return BackendStatus("cpu", True, f"C++ kernels ({caps['chosen']} of {'/'.join(caps['compiled'])}, "
+                             f"{threads})")
     if name == "cuda":
         if extension() is None:
             return BackendStatus("cuda", False, extension_error())

@@ -19,6 +19,15 @@ from slmfast import backends
 from slmfast._version import __version__
 
 
+def _cpu_capabilities() -> dict:
+    """The CPU kernels' vector ISAs (backends.cpu_capabilities), or the error that choosing one
+    raised (SLMFAST_CPU_CAPABILITY asking for one this CPU lacks)."""
+    try:
+        return backends.cpu_capabilities()
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+
+
 def info_dict() -> dict:
     return {
         "version": __version__,
@@ -28,6 +37,7 @@ def info_dict() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "triton": backends.triton_version(),
         "build": backends.build_info(),
+        "cpu": _cpu_capabilities(),
         "backends": {s.name: {"available": s.available, "reason": s.reason}
                      for s in backends.all_status()},
     }
@@ -47,6 +57,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("build: " + ", ".join(f"{k}={v}" for k, v in build.items()))
     else:
         print("build: slmfast._C is not built")
+    cpu = info["cpu"]
+    if "error" in cpu:
+        print(f"cpu kernels: {cpu['error']}")
+    elif cpu["compiled"]:
+        print(f"cpu kernels: {cpu['chosen']} (compiled: {', '.join(cpu['compiled'])}; this CPU supports: "
+              f"{', '.join(cpu['supported'])}; cap with SLMFAST_CPU_CAPABILITY)")
     print(f"\n{'backend':<8} {'available':<10} reason")
     for name, state in info["backends"].items():
         print(f"{name:<8} {'yes' if state['available'] else 'no':<10} {state['reason']}")

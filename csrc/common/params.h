@@ -228,6 +228,31 @@ struct CrossEntropyParams {
   DType dtype;                   // of logits and dlogits; accumulation in float (double for fp64)
 };
 
+// Distillation between student and teacher logits (slmfast/ops/distill_loss.py; CPU kernel in
+// csrc/cpu/kernels/distill.cpp, math in its header comment). Per row, kDistillStats accumulation-
+// dtype values: max s, max t, log sum exp((s - max s) / T), log sum exp((t - max t) / T),
+// log sum exp(s - max s), c, c2 (the backward's row constants). Modes as for cross-entropy:
+// forward (loss, stats), backward (stats given, dstudent) and both at once (dstudent == student).
+enum class DistillKind : int32_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kTVD = 3 };
+constexpr int64_t kDistillStats = 7;
+
+struct DistillParams {
+  const void* student;   // (rows, cols), last dim contiguous
+  void* dstudent;        // (rows, cols) or nullptr; may equal student
+  const void* teacher;   // (rows, cols), same dtype
+  const int64_t* target; // (rows,) or nullptr (no hard loss)
+  const void* grad_scale; // accumulation dtype, rows values (stride 1) or one (stride 0)
+  void* loss;            // (rows,) accumulation dtype, or nullptr
+  void* stats;           // (rows, kDistillStats): written, or read when stats_is_input
+  int64_t rows, cols;
+  int64_t student_row_stride, dstudent_row_stride, teacher_row_stride, grad_scale_stride;
+  int64_t ignore_index;
+  double beta, temperature, hard_weight;
+  bool stats_is_input;
+  DistillKind kind;
+  DType dtype;           // of student, teacher and dstudent
+};
+
 // Launchers, implemented in csrc/cuda/*.cu. `stream` is a cudaStream_t passed as void* so that
 // this header stays free of CUDA types.
 void rms_norm_fwd_cuda(const RmsNormFwdParams& params, void* stream);

@@ -1,9 +1,10 @@
 // attention.cpp — the CPU implementation of slmfast::attention_fwd / attention_bwd (schemas in
 // csrc/slmfast.cpp, contract in slmfast/ops/attention.py).
 //
-// The kernels (FlashAttention-2 on brgemm block products) are in attention_fwd.h and
-// attention_bwd.h; this file checks arguments (csrc/common/attention_args.h), picks the compute
-// type and block sizes, and registers the ops:
+// The kernels (FlashAttention-2 on brgemm block products) are in kernels/attention_fwd.h and
+// kernels/attention_bwd.h, compiled once per capability (kernels/attention.cpp); this file checks
+// arguments (csrc/common/attention_args.h), picks the compute type and block sizes, runs the
+// kernel of the chosen capability (kernel_table.h) and registers the ops:
 //  * fp32 and bf16 run natively (bf16 on AMX through brgemm's VNNI products, when
 //    cpublas::could_pack(bf16) says the machine has them);
 //  * fp16 (no fp16 matrix unit here: cpublas::could_pack(fp16) is false) and bf16 without AMX
@@ -11,14 +12,15 @@
 //  * fp64 (for gradcheck) runs the same kernels with a plain loop product.
 // bf16 with an odd head dimension is padded with a zero column (the VNNI layout pairs values).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <utility>
 
 #include "../common/attention_args.h"
-#include "attention_bwd.h"
+#include "alloc.h"
+#include "kernel_table.h"
 
 namespace slmfast::cpu {
 namespace {
@@ -98,9 +100,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   if (q.numel() == 0) return {out, lse};
   advise_huge_pages(out);  // a fresh output: see alloc.h
   const auto [bq, bk] = fwd_blocks(p);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, ct, "slmfast_attention_fwd", [&] {
-    attn::attention_fwd_kernel<scalar_t>(p, scale, bq, bk);
-  });
+  kernels().attention_fwd(p, scale, bq, bk);
   return {out, lse};
 }
 
@@ -134,9 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   // The CPU backward never uses atomics: `deterministic` is always honoured.
   for (const auto* t : {&dq, &dk, &dv}) advise_huge_pages(*t);
   const auto [bq, bk] = bwd_blocks(p, ct);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, ct, "slmfast_attention_bwd", [&] {
-    attn::attention_bwd_kernel<scalar_t>(p, scale, bq, bk);
-  });
+  kernels().attention_bwd(p, scale, bq, bk);
   return {dq, dk, dv};
 }
 

@@ -13,7 +13,7 @@
 
 #include "vec.h"
 
-namespace slmfast::cpu {
+namespace slmfast::cpu::CPU_CAPABILITY {
 
 // Store the first n lanes of v as T and return v as it was stored (rounded to T, back in the
 // accumulation type), so that statistics computed from it match what backward will re-read.
@@ -97,11 +97,4 @@ inline int64_t row_grain(int64_t cols, int64_t elem_size) {
   return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, cols * elem_size));
 }
 
-// Row blocks for the weight-gradient reductions of the norms: a function of the row count only,
-// so that results do not depend on the number of threads. At most 64 blocks of >= 128 rows.
-inline int64_t weight_grad_row_blocks(int64_t rows) {
-  const int64_t per_block = std::max<int64_t>(128, (rows + 63) / 64);
-  return std::max<int64_t>(1, (rows + per_block - 1) / per_block);
-}
-
-}  // namespace slmfast::cpu
+}  // namespace slmfast::cpu::CPU_CAPABILITY

@@ -1,4 +1,5 @@
-// swiglu.cpp — gated linear units for the CPU: SwiGLU and GeGLU forward and backward.
+// kernels/glu.cpp — the vectorized kernels of the CPU gated linear units (SwiGLU, GeGLU), forward
+// and backward, compiled once per capability (csrc/cpu/capability.h); the op is csrc/cpu/glu.cpp.
 //
 // Shazeer 2020, "GLU Variants Improve Transformer": out = act(gate) * up, with act = silu
 // (SwiGLU, Llama/Mistral/Qwen MLPs) or gelu (GeGLU, Gemma; erf or tanh approximation). The
@@ -11,19 +12,16 @@
 //              act' = (1 + t) / 2 + x (1 - t^2) sqrt(2/pi) (1 + 3 0.044715 x^2) / 2
 // One pass over memory per direction, elementwise, vectorized with at::vec in the accumulation
 // type (float for bf16/fp16, double for fp64), split into fixed blocks across threads.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 
-#include "../common/glu_args.h"
-#include "alloc.h"
+#include "../../common/params.h"
+#include "../kernel_table.h"
 #include "rowwise.h"
 #include "vec.h"
 
-namespace slmfast::cpu {
+namespace slmfast::cpu::CPU_CAPABILITY {
 namespace {
 
 // kFast: the result is rounded to bf16/fp16 (8 or 11 bits), so float32 intermediates need not be
@@ -184,57 +182,37 @@ void glu_bwd_kernel(const GluParams& p) {
   });
 }
 
-// The one dispatch point: (dtype, activation, recompute) -> template arguments.
+// The one dispatch point: (dtype, activation) -> template arguments.
 template <typename Launch>
-void dispatch_glu(at::ScalarType dtype, GluActivation act, Launch&& launch) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "slmfast_glu", [&] {
-    switch (act) {
-      case GluActivation::kSilu: launch(scalar_t{}, std::integral_constant<GluActivation, GluActivation::kSilu>{}); break;
-      case GluActivation::kGelu: launch(scalar_t{}, std::integral_constant<GluActivation, GluActivation::kGelu>{}); break;
-      case GluActivation::kGeluTanh:
-        launch(scalar_t{}, std::integral_constant<GluActivation, GluActivation::kGeluTanh>{});
-        break;
+void dispatch_glu(const GluParams& p, Launch&& launch) {
+  using A = GluActivation;
+  visit_dtype(p.dtype, [&](auto t) {
+    switch (p.activation) {
+      case A::kSilu: launch(t, std::integral_constant<A, A::kSilu>{}); break;
+      case A::kGelu: launch(t, std::integral_constant<A, A::kGelu>{}); break;
+      case A::kGeluTanh: launch(t, std::integral_constant<A, A::kGeluTanh>{}); break;
     }
   });
 }
 
-at::Tensor glu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation) {
-  GluParams p{};
-  at::Tensor out = glu_fwd_prepare("glu_fwd", gate, up, activation, p);
-  advise_huge_pages(out);  // fresh output: see alloc.h
-  if (p.n > 0) {
-    dispatch_glu(gate.scalar_type(), p.activation, [&](auto t, auto act) {
-      glu_fwd_kernel<decltype(t), decltype(act)::value>(p);
-    });
-  }
-  return out;
+void glu_fwd(const GluParams& p) {
+  dispatch_glu(p, [&](auto t, auto act) { glu_fwd_kernel<decltype(t), decltype(act)::value>(p); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_bwd_cpu(const at::Tensor& dout, const at::Tensor& gate,
-                                                           const at::Tensor& up, c10::string_view activation,
-                                                           bool recompute) {
-  GluParams p{};
-  auto outputs = glu_bwd_prepare("glu_bwd", dout, gate, up, activation, recompute, p);
-  advise_huge_pages(std::get<0>(outputs));
-  advise_huge_pages(std::get<1>(outputs));
-  advise_huge_pages(std::get<2>(outputs));
-  if (p.n > 0) {
-    dispatch_glu(gate.scalar_type(), p.activation, [&](auto t, auto act) {
-      if (recompute) {
-        glu_bwd_kernel<decltype(t), decltype(act)::value, true>(p);
-      } else {
-        glu_bwd_kernel<decltype(t), decltype(act)::value, false>(p);
-      }
-    });
-  }
-  return outputs;
+// Recomputes out as well when p.out is set.
+void glu_bwd(const GluParams& p) {
+  dispatch_glu(p, [&](auto t, auto act) {
+    if (p.out != nullptr) {
+      glu_bwd_kernel<decltype(t), decltype(act)::value, true>(p);
+    } else {
+      glu_bwd_kernel<decltype(t), decltype(act)::value, false>(p);
+    }
+  });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(slmfast, CPU, m) {
-  m.impl("glu_fwd", &glu_fwd_cpu);
-  m.impl("glu_bwd", &glu_bwd_cpu);
-}
+SLMFAST_REGISTER_CPU_KERNEL(glu_fwd, glu_fwd);
+SLMFAST_REGISTER_CPU_KERNEL(glu_bwd, glu_bwd);
 
-}  // namespace slmfast::cpu
+}  // namespace slmfast::cpu::CPU_CAPABILITY

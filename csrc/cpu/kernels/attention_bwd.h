@@ -20,7 +20,7 @@
 
 #include "attention_fwd.h"
 
-namespace slmfast::cpu::attn {
+namespace slmfast::cpu::CPU_CAPABILITY::attn {
 
 template <typename T>
 void attention_bwd_kernel(const AttentionBwdParams& p, double softmax_scale, int64_t bq, int64_t bk) {
@@ -131,7 +131,9 @@ void attention_bwd_kernel(const AttentionBwdParams& p, double softmax_scale, int
           }
         }
         for (int64_t r = 0; r < rows; ++r) {
-          out64[t * bq + r] = l[r] > 0 ? m[r] + std::log(l[r]) : -std::numeric_limits<Acc>::infinity();
+          // A row that sees keys gets m + log l even when that is NaN (a NaN or an infinity in
+          // its scores, as the forward): only a row with no visible key has lse = -inf.
+          out64[t * bq + r] = lo[r] <= hi[r] ? m[r] + std::log(l[r]) : -std::numeric_limits<Acc>::infinity();
         }
       }
     });
@@ -326,4 +328,4 @@ void attention_bwd_kernel(const AttentionBwdParams& p, double softmax_scale, int
   }, release);
 }
 
-}  // namespace slmfast::cpu::attn
+}  // namespace slmfast::cpu::CPU_CAPABILITY::attn

@@ -32,11 +32,11 @@
 #include <immintrin.h>
 #endif
 
-#include "../common/params.h"
-#include "alloc.h"
+#include "../../common/params.h"
+#include "../alloc.h"
 #include "vec.h"
 
-namespace slmfast::cpu::attn {
+namespace slmfast::cpu::CPU_CAPABILITY::attn {
 
 using at::BFloat16;
 
@@ -427,4 +427,4 @@ void run_tasks(int64_t n, MakeState&& make_state, Body&& body, Finish&& finish) 
   });
 }
 
-}  // namespace slmfast::cpu::attn
+}  // namespace slmfast::cpu::CPU_CAPABILITY::attn

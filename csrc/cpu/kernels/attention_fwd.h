@@ -13,7 +13,7 @@
 
 #include "attention_blocks.h"
 
-namespace slmfast::cpu::attn {
+namespace slmfast::cpu::CPU_CAPABILITY::attn {
 
 // P = exp(scale * s - m) computed as ProbExp<T>::exp(fmadd(s, scale * kFactor, -m * kFactor)).
 // fp32 and fp64 use ATen's accurate exp (Sleef, 1 ulp). bf16 probabilities are rounded to 8
@@ -255,7 +255,11 @@ void attention_fwd_kernel(const AttentionParams& p, double softmax_scale, int64_
     for (int64_t r = 0; r < rows; ++r) {
       T* orow = op + r * p.o_row_stride;
       const Acc l = st.l[r];
-      if (st.m[r] != kNegInf) {  // the row saw a key (a NaN in l must reach out, not turn into 0)
+      // A row that sees keys divides by l even when its max stayed -inf or l is NaN: a NaN or an
+      // infinity among its scores then reaches out and lse, as in softmax(S) V computed plainly
+      // (where every score is -inf, or +inf meets +inf, that is NaN). Only rows the mask leaves
+      // without a key get zeros and lse = -inf.
+      if (st.lo[r] <= st.hi[r]) {
         const Vec inv(Acc(1) / l);
         for (int64_t d = 0; d < D; d += W) {
           const int64_t cnt = std::min(W, D - d);
@@ -270,4 +274,4 @@ void attention_fwd_kernel(const AttentionParams& p, double softmax_scale, int64_
   }, [] { Gemm<T>::release(); });
 }
 
-}  // namespace slmfast::cpu::attn
+}  // namespace slmfast::cpu::CPU_CAPABILITY::attn
