@@ -15,6 +15,14 @@ OpenMP-based and runs serially without it):
 Builds the CUDA kernels (csrc/cuda/*.cu and csrc/cuda/bindings.cpp) only when torch has CUDA and
 nvcc is found.
 
+The C++ compiler must link libstdc++ as a shared library: a C++ exception (every argument check)
+thrown by an extension that carries its own static copy of libstdc++ crashes the process instead
+of reaching Python (seen on a GPU image whose /opt/gcc g++ always links libstdc++ statically: the
+process died with SIGSEGV, while the system g++ built the same extension right). So the build
+first links a tiny shared library with $CXX (c++ by default) and, when it does not depend on
+libstdc++.so, switches CXX and CC (nvcc's host compiler too) to the first g++/c++ on the PATH
+that does, with a message; when none does, it stops with an error that says so.
+
 Environment:
   SLMFAST_BUILD_CUDA=0|1|auto   CUDA part: never, always (error if impossible), when possible (default)
   TORCH_CUDA_ARCH_LIST          overrides the default archs (sm_80 and sm_90a)
@@ -64,6 +72,61 @@ def compiler_accepts(flags: list[str]) -> bool:
         return result.returncode == 0
 
 
+def needed_libraries(shared_object: Path) -> list[str] | None:
+    """The DT_NEEDED entries of a shared object (objdump -p), or None without binutils."""
+    tool = shutil.which("objdump")
+    if tool is None:
+        return None
+    out = subprocess.run([tool, "-p", str(shared_object)], capture_output=True, text=True)
+    return [line.split()[-1] for line in out.stdout.splitlines() if line.strip().startswith("NEEDED")]
+
+
+def links_libstdcxx_shared(cxx: str) -> bool | None:
+    """Whether `cxx` links a shared library that uses the C++ runtime against libstdc++.so (or
+    libc++.so); None when that cannot be told (no binutils, or the compiler fails)."""
+    src = ("#include <stdexcept>\n#include <string>\n"
+           "void slmfast_probe(const std::string& s) { throw std::runtime_error(s); }\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.cpp"
+        path.write_text(src)
+        lib = Path(tmp) / "probe.so"
+        result = subprocess.run([*cxx.split(), "-shared", "-fPIC", str(path), "-o", str(lib)],
+                                capture_output=True)
+        if result.returncode != 0:
+            return None
+        needed = needed_libraries(lib)
+    if needed is None:
+        return None
+    return any(name.startswith(("libstdc++.so", "libc++.so")) for name in needed)
+
+
+def use_a_compiler_with_shared_libstdcxx() -> None:
+    """Make CXX/CC name a compiler that links libstdc++ dynamically (see the module docstring)."""
+    if sys.platform != "linux":
+        return
+    current = os.environ.get("CXX", "c++")
+    if links_libstdcxx_shared(current) is not False:
+        return
+    seen = {os.path.realpath(shutil.which(current.split()[0]) or current)}
+    for name in ("g++", "c++", "clang++"):
+        for directory in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin"]:
+            candidate = Path(directory) / name
+            if not candidate.exists() or os.path.realpath(candidate) in seen:
+                continue
+            seen.add(os.path.realpath(candidate))
+            if links_libstdcxx_shared(str(candidate)):
+                c_name = {"g++": "gcc", "c++": "cc", "clang++": "clang"}[name]
+                os.environ["CXX"] = str(candidate)
+                os.environ["CC"] = str(candidate.with_name(c_name))
+                print(f"slmfast: {current} links libstdc++ statically into shared libraries, so C++ "
+                      f"exceptions from slmfast._C would crash the process; building with "
+                      f"CXX={os.environ['CXX']} CC={os.environ['CC']} instead")
+                return
+    sys.exit(f"slmfast: {current} links libstdc++ statically into shared libraries (C++ exceptions from "
+             "slmfast._C would crash the process) and no other g++/c++ on the PATH links it as a shared "
+             "library; set CXX (and CC) to one that does")
+
+
 def cpu_capabilities() -> list[str]:
     """The CPU capabilities to compile csrc/cpu/kernels/ for, DEFAULT first."""
     requested = os.environ.get("SLMFAST_CPU_CAPABILITIES", "default,avx2,avx512")
@@ -109,6 +172,8 @@ def cuda_arch_flags() -> tuple[list[str], str]:
 
 def extensions():
     import torch
+
+    use_a_compiler_with_shared_libstdcxx()  # before anything reads CXX/CC
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     version = read_version()

@@ -7,7 +7,9 @@ Four backends implement every op with one meaning (DESIGN.md §2):
   torch   the plain-PyTorch reference in slmfast/ops/<op>.py, always available
 
 The choice per call is cuda > triton > cpu > torch among the backends that are available, that
-the op implements and that run tensors on the inputs' device. The Triton interpreter runs CPU
+the op implements and that run tensors on the inputs' device; on CUDA tensors, for the ops that
+state their kind of call, the GPU dispatch table decides instead (slmfast/gpu_table.py: a kernel
+only where a recorded GPU run showed it correct and faster than torch's own path). The Triton interpreter runs CPU
 tensors but is a testing tool (hundreds of times slower than the C++ kernels), so on CPU tensors
 triton is used only when asked for by name. A call chooses with `backend=...`; the environment
 variable SLMFAST_BACKEND sets a preference for every call. Asking for a backend that is not
@@ -176,7 +178,12 @@ def runs_on(name: str, device: torch.device) -> bool:
     return False
 
 
-def _automatic(op: str, implemented: tuple[str, ...], device: torch.device) -> str:
+def _automatic(op: str, implemented: tuple[str, ...], device: torch.device, kind: dict | None = None) -> str:
+    # A CUDA call that states its kind (slmfast.gpu_table.select) follows the GPU dispatch table:
+    # a measured kernel, or "native" (torch's own path). Without a kind: the fixed order below.
+    if kind is not None and device.type == "cuda":
+        from slmfast import gpu_table  # imported here: gpu_table imports this module
+        return gpu_table.automatic(op, implemented, device, kind)
     for name in ORDER:
         if name not in implemented or not runs_on(name, device):
             continue

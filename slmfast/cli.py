@@ -1,9 +1,9 @@
 """The one command line: `python -m slmfast <command>` (also installed as `slmfast`).
 
-Commands: info (versions, build and backends); demo, pretrain, distill (slmfast/distill/commands.py);
-memory (slmfast/recompute/command.py). Each command is a small function that parses its own
-arguments. Commands that take config overrides (`--section.key value`) receive the arguments
-argparse does not know in `args.overrides`.
+Commands: info (versions, build, backends and the GPU dispatch table); demo, pretrain, distill
+(slmfast/distill/commands.py); memory (slmfast/recompute/command.py). Each command is a small
+function that parses its own arguments. Commands that take config overrides (`--section.key
+value`) receive the arguments argparse does not know in `args.overrides`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from slmfast import backends
+from slmfast import backends, gpu_table
 from slmfast._version import __version__
 
 
@@ -40,6 +40,7 @@ def info_dict() -> dict:
         "cpu": _cpu_capabilities(),
         "backends": {s.name: {"available": s.available, "reason": s.reason}
                      for s in backends.all_status()},
+        "gpu_dispatch": gpu_table.load(),
     }
 
 
@@ -66,6 +67,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"\n{'backend':<8} {'available':<10} reason")
     for name, state in info["backends"].items():
         print(f"{name:<8} {'yes' if state['available'] else 'no':<10} {state['reason']}")
+    print()
+    for line in gpu_table.describe(info["gpu_dispatch"]):
+        print(line)
     return 0
 
 

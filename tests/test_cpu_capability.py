@@ -78,7 +78,8 @@ def test_set_cpu_capability_rejects_bad_names():
         backends.set_cpu_capability("avx1024")
     missing = [c for c in backends.CPU_CAPABILITIES if c not in _caps()["supported"]]
     for name in missing:  # only on CPUs that lack one (AVX2-only machines: avx512)
-        with pytest.raises(RuntimeError, match=f"asks for the {name} kernels, but this CPU supports only"):
+        message = f"asks for the {name} kernels, but this CPU supports only"
+        with pytest.raises(RuntimeError, match=message):
             backends.set_cpu_capability(name)
 
 
@@ -121,8 +122,9 @@ h, wt = torch.randn(7, 48), torch.randn(301, 48)
 errors["linear_cross_entropy"] = rel(F.linear_cross_entropy(h, wt, target, backend="cpu"),
                                      F.linear_cross_entropy(h.double(), wt.double(), target, backend="torch"))
 ts = torch.randn(7, 48)
+h64, wt64, ts64 = h.double(), wt.double(), ts.double()
 errors["distill_loss"] = rel(F.distill_loss(h, wt, ts, wt, backend="cpu"),
-                             F.distill_loss(h.double(), wt.double(), ts.double(), wt.double(), backend="torch"))
+                             F.distill_loss(h64, wt64, ts64, wt64, backend="torch"))
 q, k, v = torch.randn(2, 4, 33, 40), torch.randn(2, 2, 33, 40), torch.randn(2, 2, 33, 40)
 errors["attention"] = rel(F.attention(q, k, v, causal=True, backend="cpu"),
                           F.attention(q.double(), k.double(), v.double(), causal=True, backend="torch"))
@@ -146,12 +148,13 @@ def test_capped_process_runs_every_op_correctly(capability):
 
 
 def test_capping_to_a_missing_capability_is_a_clear_error():
-    done = _run("import torch, slmfast.functional as F; F.rms_norm(torch.randn(2, 8), torch.ones(8))", "avx3")
+    call = "import torch, slmfast.functional as F; F.rms_norm(torch.randn(2, 8), torch.ones(8))"
+    done = _run(call, "avx3")
     assert done.returncode != 0
     assert "SLMFAST_CPU_CAPABILITY must be one of default, avx2, avx512, got 'avx3'" in done.stderr
     missing = [c for c in backends.CPU_CAPABILITIES if c not in _caps()["supported"]]
     for name in missing:
-        done = _run("import torch, slmfast.functional as F; F.rms_norm(torch.randn(2, 8), torch.ones(8))", name)
+        done = _run(call, name)
         assert f"asks for the {name} kernels, but this CPU supports only" in done.stderr
 
 
@@ -168,7 +171,7 @@ def test_nothing_outside_the_kernels_uses_avx():
     """The library runs on any x86-64 CPU: only the per-capability kernels contain AVX code."""
     if not X86:
         pytest.skip("x86-64 only")
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "isa_check.py")], capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "isa_check.py")], capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "no AVX instruction" in done.stdout or "nothing checked" in done.stdout

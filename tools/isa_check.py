@@ -86,9 +86,10 @@ def main() -> int:
     if not found:
         print(f"isa_check: {library.name}: no AVX instruction outside the per-capability kernels")
         return 0
-    names = subprocess.run(["c++filt"], input="\n".join(found), capture_output=True, text=True).stdout.splitlines()
+    names = subprocess.run(["c++filt"], input="\n".join(found), capture_output=True,
+                           text=True).stdout.splitlines()
     print(f"isa_check: {len(found)} functions outside the per-capability kernels use AVX instructions:")
-    for (mangled, count), demangled in zip(found.items(), names or list(found)):
+    for count, demangled in zip(found.values(), names or list(found)):
         print(f"  {count:6d}  {demangled[:160]}")
     return 1
 

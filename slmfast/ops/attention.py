@@ -41,7 +41,9 @@ False is accepted and changes nothing.
 
 Backends: cuda (csrc/cuda/attention_*.cu through the C++ op), triton (slmfast/triton/attention.py),
 cpu (csrc/cpu/attention.cpp: fp32, bf16 on AMX, fp16 through its fp32 kernel, fp64), torch
-(attention_reference below).
+(attention_reference below). On CUDA tensors the automatic choice follows the GPU dispatch table
+(slmfast/gpu_table.py), which may pick torch's own fused attention instead (attention_native:
+SDPA, or varlen_attn for packed documents and windows).
 
 scaled_dot_product_attention (at the end) has torch's signature and semantics and runs on this op
 where it can (no mask or exactly the causal boolean mask, no dropout).
@@ -49,11 +51,12 @@ where it can (no mask or exactly the causal boolean mask, no dropout).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 
-from slmfast import backends
+from slmfast import backends, gpu_table
 from slmfast.ops import _checks
 
 OP = "attention"
@@ -130,6 +133,92 @@ def attention_reference(q, k, v, *, causal=False, scale=None, window=None, cu_se
     return (out, lse) if return_lse else out
 
 
+# ---- torch's own fused attention: the "native" choice of the GPU dispatch table -------------
+
+def _find_varlen():
+    """(varlen_attn, its keyword names) when this torch has torch.nn.attention.varlen, else None.
+    Its signature moved between releases (is_causal, or causal as window_size == (-1, 0); scale,
+    window_size and enable_gqa added later): attention_native passes only what it accepts."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+_VARLEN = _find_varlen()  # looked up once: torch.compile need not trace inspect
+
+
+def _varlen_native(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right):
+    """varlen_attn (flash-attention 2 in torch) on packed q (N, Hq, D), k/v (N, Hkv, D), or None
+    when this torch's varlen_attn cannot compute exactly this call."""
+    if _VARLEN is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if q.shape[-1] % 8 != 0 or q.shape[-1] > 256:  # flash-attention's head dims
+        return None
+    varlen_attn, params = _VARLEN
+    kwargs = {}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" not in params:
+            return None
+        kwargs["enable_gqa"] = True
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12 * scale:
+        return None
+    # Causal is the right window 0 (a key right of the diagonal is hidden); both are bottom-right
+    # aligned in flash-attention, as here.
+    right = 0 if causal else right
+    if "window_size" in params:
+        kwargs["window_size"] = (int(left), int(right))  # a tuple: (-1, 0) reads as is_causal
+        if "is_causal" in params:
+            kwargs["is_causal"] = causal
+    elif left >= 0 or (right >= 0 and not causal):
+        return None
+    elif "is_causal" in params:
+        kwargs["is_causal"] = causal
+    elif causal:
+        return None
+    return varlen_attn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **kwargs)
+
+
+def attention_native(q, k, v, causal: bool, scale: float, left: int = -1, right: int = -1, cu_seqlens=None,
+                     cu_seqlens_k=None, max_seqlen=None, max_seqlen_k=None):
+    """This op computed by torch's own fused kernels, with the same semantics, or None where they
+    cannot take the call (the caller then runs one of slmfast's backends):
+      dense, no window     F.scaled_dot_product_attention (flash, cuDNN, efficient: SDPA picks);
+                           causal only when T == S (SDPA aligns the causal mask top-left)
+      packed, or a window  torch.nn.attention.varlen.varlen_attn on CUDA fp16/bf16 (a dense
+                           window call is flattened to B documents of T rows); one set of offsets
+                           for queries and keys
+    Arguments as the registered op takes them (window sides, scale resolved). Returns out only:
+    neither returns this op's lse layout, so return_lse calls never come here. Autocast is off
+    inside: the op computes in its inputs' dtype, as its kernels do."""
+    del max_seqlen_k  # only calls with one set of offsets come through: max_seqlen serves both
+    with torch.autocast(q.device.type, enabled=False):
+        return _attention_native(q, k, v, causal, scale, left, right, cu_seqlens, cu_seqlens_k, max_seqlen)
+
+
+def _attention_native(q, k, v, causal, scale, left, right, cu_seqlens, cu_seqlens_k, max_seqlen):
+    if cu_seqlens is None:
+        batch, heads_q, t, d = q.shape
+        s = k.shape[2]
+        if left < 0 and right < 0:
+            if causal and t != s:
+                return None
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, scale=scale, enable_gqa=heads_q != k.shape[1])
+        if t != s or t == 0:
+            return None
+        cu = torch.arange(0, (batch + 1) * t, t, dtype=torch.int32, device=q.device)  # (B + 1,)
+        flat = [x.transpose(1, 2).reshape(batch * t, x.shape[1], d) for x in (q, k, v)]  # (B*T, H, D)
+        out = _varlen_native(*flat, cu, cu, t, t, causal, scale, left, right)
+        return None if out is None else out.reshape(batch, t, heads_q, d).transpose(1, 2)  # (B, Hq, T, D)
+    if cu_seqlens_k is not None:
+        return None
+    return _varlen_native(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal, scale, left, right)
+
+
 # ---- autograd wiring, shared by the C++ op (cpu/cuda) and the Triton op ---------------------
 
 def _fake_forward(q, k, v, scale, causal, window_left, window_right, cu_seqlens_q, cu_seqlens_k,
@@ -155,7 +244,7 @@ def _make_backward(backward_op):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         scale, causal, left, right, max_q, max_k = ctx.args
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        dout = _last_dim_contiguous(dout)
         dq, dk, dv = backward_op(dout, q, k, v, out, lse, scale, causal, left, right, cu_q, cu_k,
                                  max_q, max_k, True)
         return dq, dk, dv, None, None, None, None, None, None, None, None
@@ -315,6 +404,10 @@ def _check(q, k, v, cu_seqlens, max_seqlen, window, scale, cu_seqlens_k=None, ma
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:  # empty tensors count as contiguous whatever their strides (the expanded
+        # gradient of a sum has strides 0, which the kernels refuse): give them real ones
+        return t if t.is_contiguous() and t.stride(-1) == 1 else torch.empty_like(
+            t, memory_format=torch.contiguous_format)
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
@@ -337,13 +430,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     device, left, right, max_seqlen, max_seqlen_k = _check(q, k, v, cu_seqlens, max_seqlen, window, scale,
                                                            cu_seqlens_k, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = backends.select(OP, IMPLEMENTED, device, backend)
-    rejected: set[str] = set()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    packed = cu_seqlens is not None
+    layout = "window" if left >= 0 or right >= 0 else ("packed" if packed else "dense")
+    kind = (("dtype", q.dtype), ("grad", needs_grad), ("head_dim", gpu_table.head_dim_bucket(q.shape[-1])),
+            ("layout", layout), ("causal", bool(causal)))
+    name = gpu_table.select(OP, IMPLEMENTED, device, backend, kind, True)
+    if name == "native":
+        out = None if return_lse else attention_native(q, k, v, bool(causal), scale, left, right, cu_seqlens,
+                                                       cu_seqlens_k, max_seqlen, max_seqlen_k)
+        if out is not None:
+            return out
+        name = gpu_table.fixed_order(OP, IMPLEMENTED, device)  # torch's own cannot take this call
+    rejected: set[str] = set()
     while (why := _unsupported(name, q, needs_grad)) is not None:
         name = _fall_back(name, why, rejected, device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    packed = cu_seqlens is not None
     cu_k = (cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens) if packed else None
     seqlen_q, seqlen_k = (max_seqlen, max_seqlen_k) if packed else (0, 0)
     while True:
@@ -461,9 +563,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     heads_q = query.shape[-3] if query.dim() >= 3 else 1
     heads_kv = key.shape[-3] if key.dim() >= 3 else 1
     S = key.shape[-2]
-    q = query.reshape(-1, heads_q, L, E)  # (B, Hq, L, E)
-    k = key.reshape(-1, heads_kv, S, E)   # (B, Hkv, S, E)
-    v = value.reshape(-1, heads_kv, S, E)
+    batch = math.prod(query.shape[:-3])  # not reshape(-1, ...): ambiguous for an empty batch or L = 0
+    q = query.reshape(batch, heads_q, L, E)  # (B, Hq, L, E)
+    k = key.reshape(batch, heads_kv, S, E)   # (B, Hkv, S, E)
+    v = value.reshape(batch, heads_kv, S, E)
     window = None if window_right < 0 else (-1, window_right)
     out = attention(q, k, v, causal=causal, scale=scale, window=window)
     return out.reshape(*lead, L, E)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from slmfast import backends
+from slmfast import backends, gpu_table
 from slmfast.ops import _checks
 from slmfast.ops import _loss_math as M
 
@@ -189,7 +189,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
                              M.acc_dtype(logits.dtype), device)
     elif num_items is not None:
         raise ValueError(f"{OP}: num_items is the denominator of reduction='mean', got reduction='none'")
-    name = backends.select(OP, IMPLEMENTED, device, backend)
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    # On CUDA tensors the GPU dispatch table decides; where it says native: the "torch" backend.
+    kind = (("dtype", logits.dtype), ("grad", grad))
+    name = gpu_table.select(OP, IMPLEMENTED, device, backend, kind, False)
     if name == "triton" and logits.dtype == torch.float64:
         name = backends.fallback(OP, name, "float64", IMPLEMENTED, device)
     if name == "torch":

@@ -294,7 +294,7 @@ def distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, tea
     v = M.vocab_columns(OP, sw.shape[0], tw.shape[0], vocab_size)
     y = _target(OP, target, n, v, ignore_index, sh.device)
     chunk = _chunk(OP, chunk_size, n, sh.shape[1], v, sh.device)
-    name = select_backend(OP, IMPLEMENTED, sh.device, sh.dtype, backend)
+    name = select_backend(OP, IMPLEMENTED, sh.device, sh.dtype, backend, any(need))
     scale = M.mean_scale(OP, y != ignore_index if y is not None else None, n, reduction, num_items,
                          M.acc_dtype(sh.dtype), sh.device)
     loss, *_ = torch.ops.slmfast_loss.distill_fused(
@@ -325,7 +325,8 @@ def distill_loss_from_logits(student_logits: torch.Tensor, teacher_logits: torch
         raise ValueError(f"{OP_LOGITS}: target must have shape {tuple(student_logits.shape[:-1])}, got "
                          f"{tuple(target.shape)}")
     y = _target(OP_LOGITS, target, s.shape[0], v, ignore_index, device)
-    name = select_backend(OP_LOGITS, IMPLEMENTED, device, s.dtype, backend)
+    grad = torch.is_grad_enabled() and student_logits.requires_grad
+    name = select_backend(OP_LOGITS, IMPLEMENTED, device, s.dtype, backend, grad, OP)  # the same row kernels
     options = (k, float(beta), float(temperature), float(hard_weight), int(ignore_index))
     if name == "torch":
         rows = M.distill_rows_reference(s, t, y, *options)
@@ -378,7 +379,7 @@ def topk_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
             raise ValueError(f"{OP_TOPK}: teacher_topk_ids repeats an id within a row")
     y = _target(OP_TOPK, target, n, v, ignore_index, sh.device)
     chunk = _chunk(OP_TOPK, chunk_size, n, sh.shape[1], v, sh.device)
-    name = select_backend(OP_TOPK, IMPLEMENTED_TOPK, sh.device, sh.dtype, backend)
+    name = select_backend(OP_TOPK, IMPLEMENTED_TOPK, sh.device, sh.dtype, backend, any(need))
     scale = M.mean_scale(OP_TOPK, y != ignore_index if y is not None else None, n, reduction, num_items,
                          M.acc_dtype(sh.dtype), sh.device)
     loss, *_ = torch.ops.slmfast_loss.topk_distill_fused(

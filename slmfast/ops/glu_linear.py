@@ -81,5 +81,7 @@ def glu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias:
         _checks.check_tensor(OP, "bias", bias)
         _checks.check_shape(OP, "bias", bias, (weight.shape[0],), "the rows of weight")
         _checks.check_same_dtype(OP, "bias", bias, "weight", weight)
-    name = _glu.select_backend(OP, gate.dtype, device, backend)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (gate, up, weight, bias))
+    name = _glu.select_backend(OP, gate.dtype, device, backend, activation, grad)
     return _GluLinear.apply(gate.contiguous(), up.contiguous(), weight, bias, activation, name)

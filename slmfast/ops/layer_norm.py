@@ -21,15 +21,17 @@ New bytes saved per row of H elements: 8 (mu and r), against torch's native laye
 also saves x, mean and rstd (its y is not saved either).
 
 Backends: triton (slmfast/triton/layer_norm.py; float32/bf16/fp16, H <= 65536), cpu
-(csrc/cpu/layer_norm.cpp), torch (layer_norm_reference below). No CUDA kernel: on a GPU the
-Triton kernel runs (the issue's CUDA list is rms_norm, swiglu, rotary).
+(csrc/cpu/layer_norm.cpp), torch (layer_norm_reference below). No CUDA kernel. On CUDA tensors
+the automatic choice follows the GPU dispatch table (slmfast/gpu_table.py): the Triton kernel, or
+torch's own F.layer_norm (layer_norm_native below).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from slmfast import backends
+from slmfast import backends, gpu_table
 from slmfast.ops import _checks
 
 OP = "layer_norm"
@@ -50,6 +52,23 @@ def layer_norm_reference(x, weight, bias, eps=1e-5, residual=None):
     if bias is not None:
         y = y + bias.to(acc)
     y = y.to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+def layer_norm_native(x, weight, bias, eps=1e-5, residual=None):
+    """The same op on torch's own kernels: the residual add, then F.layer_norm, what the GPU
+    dispatch table calls "native". Parameters in x's dtype go to the kernel as they are; fp32
+    parameters with bf16/fp16 x (master weights) are applied to the row normalized in float32,
+    rounded once, as the contract says (torch's mixed-dtype kernel sums dweight/dbias at x's
+    precision on the CPU). Autocast is off inside (it would return float32)."""
+    params = [p for p in (weight, bias) if p is not None]
+    with torch.autocast(x.device.type, enabled=False):
+        h = x if residual is None else x + residual
+        if all(p.dtype == x.dtype for p in params):
+            y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+        else:
+            w32, b32 = (p.float() if p is not None else None for p in (weight, bias))
+            y = F.layer_norm(h.float(), (h.shape[-1],), w32, b32, eps).to(x.dtype)
     return y if residual is None else (y, h)
 
 
@@ -146,7 +165,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     Returns y, or (y, h) when `residual` is given.
     """
     device = _check(x, weight, bias, residual, eps)
-    name = backends.select(OP, IMPLEMENTED, device, backend)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, bias, residual))
+    name = gpu_table.select(OP, IMPLEMENTED, device, backend, (("dtype", x.dtype), ("grad", grad)), True)
+    if name == "native":
+        return layer_norm_native(x, weight, bias, eps, residual)
     if name == "triton":
         if x.dtype == torch.float64:
             name = backends.fallback(OP, name, "float64", IMPLEMENTED, device)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from slmfast import backends
+from slmfast import backends, gpu_table
 from slmfast.ops import _amp, _checks
 from slmfast.ops import _loss_chunks as C
 from slmfast.ops import _loss_math as M
@@ -194,8 +194,12 @@ def loss_dtype(hidden: torch.Tensor, prepared: torch.Tensor) -> torch.dtype:
     return prepared.dtype
 
 
-def select_backend(op: str, implemented, device, dtype, backend):
-    name = backends.select(op, implemented, device, backend)
+def select_backend(op: str, implemented, device, dtype, backend, grad: bool = False,
+                   table_op: str | None = None):
+    """The row kernels' backend. On CUDA tensors the GPU dispatch table decides (rows of `table_op`,
+    default `op`); where it says native: the "torch" backend (plain-PyTorch row math)."""
+    kind = (("dtype", dtype), ("grad", bool(grad)))
+    name = gpu_table.select(op, implemented, device, backend, kind, False, table_op)
     if name == "triton" and dtype == torch.float64:
         name = backends.fallback(op, name, "float64", implemented, device)
     return name
@@ -228,7 +232,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     n, vocab = h.shape[0], w.shape[0]
     y = M.check_target(OP, target, n, vocab, ignore_index)
     chunk = int(chunk_size) if chunk_size else C.default_chunk_size(n, h.shape[1], vocab, h.device)
-    name = select_backend(OP, IMPLEMENTED, h.device, h.dtype, backend)
+    name = select_backend(OP, IMPLEMENTED, h.device, h.dtype, backend, any(need))
     cap = float(softcap) if softcap else 0.0
     acc = M.acc_dtype(h.dtype)
     if reduction == "none":

@@ -125,7 +125,8 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights, biases=
             _checks.check_tensor(OP, f"biases[{i}]", b)
             _checks.check_shape(OP, f"biases[{i}]", b, (w.shape[0],), f"the rows of weights[{i}]")
             _checks.check_same_dtype(OP, f"biases[{i}]", b, f"weights[{i}]", w)
-    name = _rms.select_backend(x, device, backend, op=OP)
+    grad = _rms.needs_grad(x, norm_weight, residual, *weights, *biases)
+    name = _rms.select_backend(x, device, backend, op=OP, grad=grad)  # "torch" where the table says native
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
     return _RmsNormLinear.apply(x, residual, norm_weight.contiguous(), float(eps), float(offset), name,

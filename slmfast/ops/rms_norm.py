@@ -18,14 +18,17 @@ parameter). Never y. The backward recomputes xhat = h * r:
 dx and dresidual are both dh. New bytes saved per row of H elements: 4 (the r of that row).
 
 Backends: cuda (csrc/cuda/rms_norm.cu), triton (slmfast/triton/rms_norm.py; float32/bf16/fp16,
-H <= 65536), cpu (csrc/cpu/rms_norm.cpp), torch (rms_norm_reference below).
+H <= 65536), cpu (csrc/cpu/rms_norm.cpp), torch (rms_norm_reference below). On CUDA tensors the
+automatic choice follows the GPU dispatch table (slmfast/gpu_table.py), which may pick torch's
+own F.rms_norm instead (rms_norm_native below).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from slmfast import backends
+from slmfast import backends, gpu_table
 from slmfast.ops import _amp, _checks
 
 OP = "rms_norm"
@@ -39,6 +42,21 @@ def rms_norm_reference(x, weight, eps=1e-6, residual=None, offset=0.0):
     hf = h.to(acc)
     r = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
     y = (hf * r * (offset + weight.to(acc))).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+def rms_norm_native(x, weight, eps=1e-6, residual=None, offset=0.0):
+    """The same op on torch's own kernels: the residual add, then F.rms_norm (fused on CUDA in
+    recent torch), what the GPU dispatch table calls "native". A weight in x's dtype with no
+    offset goes to the fused kernel as it is; otherwise (fp32 master weights, Gemma's offset) the
+    row is normalized in float32 with offset + weight in float32 and rounded once, as the contract
+    says. Autocast is off inside (it would run the norm in float32 and return float32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        h = x if residual is None else x + residual
+        if weight.dtype == x.dtype and offset == 0.0:
+            y = F.rms_norm(h, (h.shape[-1],), weight, eps)
+        else:
+            y = F.rms_norm(h.float(), (h.shape[-1],), weight.float() + offset, eps).to(x.dtype)
     return y if residual is None else (y, h)
 
 
@@ -151,9 +169,32 @@ def check_inputs(x, weight, residual, eps, op: str = OP) -> torch.device:
     return device
 
 
-def select_backend(x: torch.Tensor, device: torch.device, backend: str | None, op: str = OP) -> str:
-    """The backend for this call, with the Triton kernels' limits applied (fp64, row length)."""
-    name = backends.select(op, IMPLEMENTED, device, backend)
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _cuda_backward_max_cols(device: torch.device, dtype: torch.dtype) -> int:
+    """The widest row the CUDA backward takes: it keeps one float32 (float64 for fp64) dweight sum
+    per column in shared memory (csrc/cuda/rms_norm.cu), up to the card's opt-in limit per block
+    (227 KiB on Hopper: 58,112 columns)."""
+    if device.type != "cuda":
+        return 1 << 62
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+    return limit // (8 if dtype == torch.float64 else 4)
+
+
+def select_backend(x: torch.Tensor, device: torch.device, backend: str | None, op: str = OP,
+                   grad: bool = False, has_native: bool = False) -> str:
+    """The backend for this call, with the Triton kernels' limits applied (fp64, row length).
+    On CUDA tensors the GPU dispatch table decides (slmfast/gpu_table.py, read under the rms_norm
+    rows): "native" when `has_native` (the caller runs rms_norm_native), else "torch" for it."""
+    kind = (("dtype", x.dtype), ("grad", bool(grad)))
+    name = gpu_table.select(op, IMPLEMENTED, device, backend, kind, has_native, OP)
+    if name == "cuda" and grad and x.shape[-1] > _cuda_backward_max_cols(device, x.dtype):
+        limit = _cuda_backward_max_cols(device, x.dtype)
+        name = backends.fallback(op, name, f"rows longer than {limit} in the backward (its dweight sums "
+                                 "live in shared memory)", IMPLEMENTED, device)
     if name == "triton":
         if x.dtype == torch.float64:
             name = backends.fallback(op, name, "float64", IMPLEMENTED, device)
@@ -172,7 +213,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     """
     x, residual = _amp.promote_residual(x, residual)
     device = check_inputs(x, weight, residual, eps)
-    name = select_backend(x, device, backend)
+    name = select_backend(x, device, backend, grad=needs_grad(x, weight, residual), has_native=True)
+    if name == "native":
+        return rms_norm_native(x, weight, eps, residual, offset)
     if name == "torch":
         return rms_norm_reference(x, weight, eps, residual, offset)
     x = x.contiguous()

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from slmfast import backends
+from slmfast import backends, gpu_table
 from slmfast.ops import _checks
 
 OP = "rotary"
@@ -99,6 +99,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:  # empty tensors count as contiguous whatever their strides (the expanded
+        # gradient of a sum has strides 0, which the kernels refuse): give them real ones
+        return t if t.is_contiguous() and t.stride(-1) == 1 else torch.empty_like(
+            t, memory_format=torch.contiguous_format)
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -213,7 +217,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
            inplace: bool = False, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q_rot, k_rot): RoPE applied to q and k; see the module docstring for layouts."""
     device = _check(q, k, cos, sin, interleaved, inplace)
-    name = backends.select(OP, IMPLEMENTED, device, backend)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    # On CUDA tensors the GPU dispatch table decides; where it says native: the "torch" backend.
+    name = gpu_table.select(OP, IMPLEMENTED, device, backend, (("dtype", q.dtype), ("grad", grad)), False)
     if name == "triton" and q.dtype == torch.float64:
         name = backends.fallback(OP, name, "float64", IMPLEMENTED, device)
     if name == "torch":

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slmfast import backends
+from slmfast import backends, gpu_table
 from slmfast.ops import _checks
 
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
@@ -124,8 +124,13 @@ def check_inputs(op: str, gate, up) -> torch.device:
     return device
 
 
-def select_backend(op: str, dtype: torch.dtype, device: torch.device, backend: str | None) -> str:
-    name = backends.select(op, IMPLEMENTED, device, backend)
+def select_backend(op: str, dtype: torch.dtype, device: torch.device, backend: str | None,
+                   activation: str = "silu", grad: bool = False) -> str:
+    """The backend for this call. On CUDA tensors the GPU dispatch table decides, from the swiglu
+    rows (silu) or the geglu rows (gelu); where it says native, the plain-PyTorch "torch" backend."""
+    kind = (("dtype", dtype), ("grad", bool(grad)))
+    table_op = "swiglu" if activation == "silu" else "geglu"
+    name = gpu_table.select(op, IMPLEMENTED, device, backend, kind, False, table_op)
     if name == "triton" and dtype == torch.float64:
         name = backends.fallback(op, name, "float64", IMPLEMENTED, device)
     return name
@@ -147,7 +152,8 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", *, backe
     device = check_inputs(op, gate, up)
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    name = select_backend(op, gate.dtype, device, backend)
+    grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
+    name = select_backend(op, gate.dtype, device, backend, activation, grad)
     if name == "torch":
         return glu_reference(gate, up, activation)
     forward, _ = kernels(name)

@@ -15,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_COLS = 65536
+# Rows longer than this fall back (ops/layer_norm.py): the whole row lives in one block of registers,
+# as in the rms_norm kernel, whose backward failed to launch for rows of 65,536 on an H200 (triton
+# 3.6, "invalid argument"); widths up to 5,120 passed the GPU tests (benchmarks/RESULTS.md, 2026-12-04).
+MAX_COLS = 16384
 
 
 @triton.jit
