@@ -9,12 +9,12 @@ Four backends implement every op with one meaning (DESIGN.md §2):
 The choice per call is cuda > triton > cpu > torch among the backends that are available, that
 the op implements and that run tensors on the inputs' device; on CUDA tensors, for the ops that
 state their kind of call, the GPU dispatch table decides instead (slmfast/gpu_table.py: a kernel
-only where a recorded GPU run showed it correct and faster than torch's own path). The Triton interpreter runs CPU
-tensors but is a testing tool (hundreds of times slower than the C++ kernels), so on CPU tensors
-triton is used only when asked for by name. A call chooses with `backend=...`; the environment
-variable SLMFAST_BACKEND sets a preference for every call. Asking for a backend that is not
-available raises an error that says why. SLMFAST_STRICT=1 turns every silent fallback (a fast
-path that cannot take some argument) into an error.
+only where a recorded GPU run showed it correct and faster than torch's own path). The Triton
+interpreter runs CPU tensors but is a testing tool (hundreds of times slower than the C++
+kernels), so on CPU tensors triton is used only when asked for by name. A call chooses with
+`backend=...`; the environment variable SLMFAST_BACKEND sets a preference for every call.
+Asking for a backend that is not available raises an error that says why. SLMFAST_STRICT=1
+turns every silent fallback (a fast path that cannot take some argument) into an error.
 """
 
 from __future__ import annotations

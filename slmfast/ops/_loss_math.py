@@ -133,37 +133,59 @@ def reduce_rows(rows: torch.Tensor, scale: torch.Tensor, reduction: str) -> torc
 
 def cross_entropy_rows_reference(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                                  softcap=None):
-    """Per-row loss of (N, V) logits: F.cross_entropy (+ z_loss * lse^2), 0 on ignored rows."""
+    """Per-row loss of (N, V) logits: F.cross_entropy (+ z_loss * lse^2), 0 on ignored rows.
+
+    An ignored row counts for nothing whatever its logits hold: its loss and gradient are exactly
+    0 even when they are NaN or infinite (F.cross_entropy alone gives such a row a NaN gradient,
+    and z_loss * lse^2 * 0 would be NaN)."""
+    valid = target != ignore_index
+    logits = torch.where(valid[:, None], logits, 0)
     z = logits if not softcap else softcap * torch.tanh(logits / softcap)
     rows = F.cross_entropy(z, target, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
     if z_loss:
-        rows = rows + z_loss * torch.logsumexp(z, -1).pow(2) * (target != ignore_index)
+        rows = rows + z_loss * torch.where(valid, torch.logsumexp(z, -1).pow(2), 0)
     return rows
 
 
+def _xlogr(x: torch.Tensor, lx: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """sum x (log x - log r) over the last dim with 0 log 0 = 0: a term whose x is exactly 0
+    counts 0 and passes no gradient (a -inf logit, a banned token, leaves the divergence finite;
+    F.kl_div gives 0 * -inf = NaN there). A NaN x is not 0: it reaches the sum."""
+    zero = x == 0
+    return torch.where(zero, 0, x * (torch.where(zero, 0, lx) - torch.where(zero, 0, lr))).sum(-1)
+
+
 def soft_rows_reference(lq: torch.Tensor, lp: torch.Tensor, kind: int, beta: float) -> torch.Tensor:
-    """Soft loss per row from student and teacher log-probabilities (last dim), F.kl_div style."""
+    """Soft loss per row from student and teacher log-probabilities (last dim): KL(P||Q), KL(Q||P)
+    and JSD as F.kl_div(..., log_target=True) computes them, with 0 log 0 = 0 (_xlogr)."""
+    q, p = lq.exp(), lp.exp()
     if kind == 0:
-        return F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1)
+        return _xlogr(p, lp, lq)
     if kind == 1:
-        return F.kl_div(lp, lq, reduction="none", log_target=True).sum(-1)
+        return _xlogr(q, lq, lp)
     if kind == 2:
-        lm = torch.logsumexp(torch.stack([lp + torch.log(torch.tensor(beta, dtype=lp.dtype)),
-                                          lq + torch.log(torch.tensor(1 - beta, dtype=lq.dtype))]), 0)
-        return (beta * F.kl_div(lm, lp, reduction="none", log_target=True).sum(-1)
-                + (1 - beta) * F.kl_div(lm, lq, reduction="none", log_target=True).sum(-1))
-    return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+        both = (p == 0) & (q == 0)  # no term reads lm there; keep logaddexp's gradient finite
+        lm = torch.logaddexp(torch.where(both, 0, lp) + torch.log(torch.tensor(beta, dtype=lp.dtype)),
+                             torch.where(both, 0, lq) + torch.log1p(torch.tensor(-beta, dtype=lq.dtype)))
+        return beta * _xlogr(p, lp, lm) + (1 - beta) * _xlogr(q, lq, lm)
+    return 0.5 * (p - q).abs().sum(-1)
 
 
 def distill_rows_reference(student_logits, teacher_logits, target, kind: int, beta: float, temperature: float,
                            hard_weight: float, ignore_index: int):
-    """Per-row T^2 * soft + hard_weight * CE of (N, V) logits; the teacher is detached."""
+    """Per-row T^2 * soft + hard_weight * CE of (N, V) logits; the teacher is detached. Ignored
+    rows give exactly 0 and a zero gradient, whatever their logits hold (NaN and inf included)."""
+    teacher_logits = teacher_logits.detach()
+    if target is not None:
+        valid = (target != ignore_index)[:, None]
+        student_logits = torch.where(valid, student_logits, 0)
+        teacher_logits = torch.where(valid, teacher_logits, 0)
     lq = F.log_softmax(student_logits / temperature, -1)
-    lp = F.log_softmax(teacher_logits.detach() / temperature, -1)
+    lp = F.log_softmax(teacher_logits / temperature, -1)
     rows = temperature ** 2 * soft_rows_reference(lq, lp, kind, beta)
     if target is not None:
-        rows = rows * (target != ignore_index)
+        rows = torch.where(target != ignore_index, rows, 0)
         if hard_weight:
             rows = rows + hard_weight * F.cross_entropy(student_logits, target, ignore_index=ignore_index,
                                                         reduction="none")
@@ -178,6 +200,10 @@ def _tail_log(mass: torch.Tensor) -> torch.Tensor:
 def topk_rows_reference(student_logits, topk_ids, topk_logprobs, target, kind: int, beta: float,
                         temperature: float, hard_weight: float, ignore_index: int, tail: str):
     """Per-row top-k distillation loss by autograd (the rule is in slmfast/ops/distill_loss.py)."""
+    if target is not None:  # ignored rows: exactly 0 and no gradient, whatever they hold
+        valid = (target != ignore_index)[:, None]
+        student_logits = torch.where(valid, student_logits, 0)
+        topk_logprobs = torch.where(valid, topk_logprobs, 0)
     lq_full = F.log_softmax(student_logits / temperature, -1)
     lq_k = lq_full.gather(-1, topk_ids)
     lp = topk_logprobs.to(lq_full.dtype)
@@ -192,7 +218,7 @@ def topk_rows_reference(student_logits, topk_ids, topk_logprobs, target, kind: i
         lp_t = F.log_softmax(torch.cat([lp, _tail_log(p_tail)], -1) / temperature, -1)
     rows = temperature ** 2 * soft_rows_reference(lq, lp_t, kind, beta)
     if target is not None:
-        rows = rows * (target != ignore_index)
+        rows = torch.where(target != ignore_index, rows, 0)
         if hard_weight:
             rows = rows + hard_weight * F.cross_entropy(student_logits, target, ignore_index=ignore_index,
                                                         reduction="none")
@@ -226,23 +252,25 @@ def ce_rows_torch(logits, target, grad_scale, ignore_index, label_smoothing, z_l
         d.scatter_add_(1, safe[:, None], torch.full_like(z_y[:, None], label_smoothing - 1))
         if softcap > 0:
             d = d * (1 - (z / softcap) ** 2)
-        logits.copy_(d * scale)
+        logits.copy_(torch.where(valid[:, None], d * scale, 0))  # ignored: 0 even for NaN logits
     return loss, torch.where(valid, lse, 0)
 
 
 def _soft_weights(lq, lp, kind: int, beta: float):
     """(soft loss per row, w = Q * dL/dQ per column) from log Q and log P (last dim)."""
+    # Terms with a probability of exactly 0 count 0 (0 log 0 = 0); `== 0`, not `> 0`, so that a
+    # NaN probability (from a NaN logit) reaches the loss instead of being dropped.
     q, p = lq.exp(), lp.exp()
     if kind == 0:
-        return torch.where(p > 0, p * (lp - lq), 0).sum(-1), -p
+        return torch.where(p == 0, 0, p * (lp - lq)).sum(-1), -p
     if kind == 1:
-        term = torch.where(q > 0, q * (lq - lp), 0)
-        return term.sum(-1), torch.where(q > 0, q * (lq - lp + 1), 0)
+        term = torch.where(q == 0, 0, q * (lq - lp))
+        return term.sum(-1), torch.where(q == 0, 0, q * (lq - lp + 1))
     if kind == 2:
         lm = torch.logaddexp(lp + torch.log(torch.tensor(beta, dtype=lp.dtype)),
                              lq + torch.log1p(torch.tensor(-beta, dtype=lq.dtype)))
-        w = (1 - beta) * torch.where(q > 0, q * (lq - lm), 0)
-        return (beta * torch.where(p > 0, p * (lp - lm), 0)).sum(-1) + w.sum(-1), w
+        w = (1 - beta) * torch.where(q == 0, 0, q * (lq - lm))
+        return (beta * torch.where(p == 0, 0, p * (lp - lm))).sum(-1) + w.sum(-1), w
     return 0.5 * (p - q).abs().sum(-1), 0.5 * q * torch.sign(q - p)
 
 
@@ -266,9 +294,10 @@ def distill_rows_torch(student, teacher, target, grad_scale, kind, beta, tempera
         if hard:
             d = d + hard_weight * _ce_grad(s, torch.where(valid, target, 0))
         scale = grad_scale.to(acc).expand(s.shape[0])
-        if valid is not None:
-            scale = torch.where(valid, scale, 0)
-        student.copy_(d * scale[:, None])
+        d = d * scale[:, None]
+        if valid is not None:  # ignored rows: 0 even for NaN logits
+            d = torch.where(valid[:, None], d, 0)
+        student.copy_(d)
     return loss
 
 
@@ -314,7 +343,8 @@ def topk_rows_torch(student, topk_ids, topk_logprobs, target, grad_scale, kind, 
         if hard:
             d = d + hard_weight * _ce_grad(s, torch.where(valid, target, 0))
         scale = grad_scale.to(acc).expand(s.shape[0])
-        if valid is not None:
-            scale = torch.where(valid, scale, 0)
-        student.copy_(d * scale[:, None])
+        d = d * scale[:, None]
+        if valid is not None:  # ignored rows: 0 even for NaN logits
+            d = torch.where(valid[:, None], d, 0)
+        student.copy_(d)
     return loss

@@ -6,7 +6,9 @@ import torch
 from slmfast import backends
 from slmfast.functional import cross_entropy
 from slmfast.ops.cross_entropy import cross_entropy_reference
-from tests.helpers import assert_close, backend_params, device_for, value_and_grads
+from tests.helpers import assert_close, backend_params, cpu_capability_params, device_for, value_and_grads
+
+CPU_CAPABILITIES = cpu_capability_params()  # the fp64 / cpu-only tests run on every vector path
 
 BACKENDS = backend_params()
 KERNEL_BACKENDS = [b for b in BACKENDS if b.values[0] != "torch"]
@@ -150,7 +152,8 @@ def test_non_contiguous_logits(backend):
 @pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "z_loss": 0.05, "reduction": "sum"},
                                      {"reduction": "none"}], ids=["mean", "smooth_zloss_sum", "none"])
-def test_gradcheck_fp64_cpu(options):
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
+def test_gradcheck_fp64_cpu(options, capability):
     logits = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 8, -100, 3, 3, 5])
     assert torch.autograd.gradcheck(lambda z: cross_entropy(z, target, backend="cpu", **options), (logits,))

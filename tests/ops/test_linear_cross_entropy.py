@@ -6,7 +6,16 @@ import torch
 from slmfast import backends
 from slmfast.functional import linear_cross_entropy
 from slmfast.ops.linear_cross_entropy import linear_cross_entropy_reference
-from tests.helpers import assert_close, backend_params, device_for, saved_tensor_bytes, value_and_grads
+from tests.helpers import (
+    assert_close,
+    backend_params,
+    cpu_capability_params,
+    device_for,
+    saved_tensor_bytes,
+    value_and_grads,
+)
+
+CPU_CAPABILITIES = cpu_capability_params()  # the fp64 / cpu-only tests run on every vector path
 
 BACKENDS = backend_params()
 INTERPRETED = not torch.cuda.is_available()
@@ -151,7 +160,8 @@ def test_all_ignored_gives_zero_not_nan(backend):
 
 @pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradcheck_fp64_cpu(reduction):
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
+def test_gradcheck_fp64_cpu(reduction, capability):
     hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(11, dtype=torch.float64, requires_grad=True)

@@ -8,7 +8,9 @@ from slmfast import backends
 from slmfast.functional import rms_norm_linear
 from slmfast.ops.norm_linear import rms_norm_linear_reference
 from slmfast.ops.rms_norm import IMPLEMENTED
-from tests.helpers import assert_close, backend_params, device_for, saved_tensor_bytes
+from tests.helpers import assert_close, backend_params, cpu_capability_params, device_for, saved_tensor_bytes
+
+CPU_CAPABILITIES = cpu_capability_params()  # the fp64 / cpu-only tests run on every vector path
 
 BACKENDS = backend_params(IMPLEMENTED)
 KERNEL_BACKENDS = [b for b in BACKENDS if b.values[0] != "torch"]
@@ -70,7 +72,8 @@ def test_matches_fp64_reference(backend, case, dtype, residual):
 
 @CPU
 @pytest.mark.parametrize("residual", [False, True])
-def test_gradcheck_fp64_cpu(residual):
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
+def test_gradcheck_fp64_cpu(residual, capability):
     x, r, nw, ws, bs = _inputs((2, 3, 6), (4, 5), torch.float64, "cpu", residual, bias=True)
     leaves = [t.requires_grad_() for t in [x, nw, *ws, *bs] + ([r] if residual else [])]
 

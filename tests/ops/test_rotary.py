@@ -8,7 +8,9 @@ import torch
 from slmfast import backends
 from slmfast.functional import rotary
 from slmfast.ops.rotary import IMPLEMENTED, rotary_reference
-from tests.helpers import assert_close, backend_params, device_for, saved_tensor_bytes
+from tests.helpers import assert_close, backend_params, cpu_capability_params, device_for, saved_tensor_bytes
+
+CPU_CAPABILITIES = cpu_capability_params()  # the fp64 / cpu-only tests run on every vector path
 
 BACKENDS = backend_params(IMPLEMENTED)
 KERNEL_BACKENDS = [b for b in BACKENDS if b.values[0] != "torch"]
@@ -175,7 +177,8 @@ def test_cos_in_the_activation_dtype(backend):
 @CPU
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("layout", ["dense", "packed"])
-def test_gradcheck_fp64_cpu(interleaved, layout):
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
+def test_gradcheck_fp64_cpu(interleaved, layout, capability):
     if layout == "dense":
         q = torch.randn(2, 3, 4, 10, dtype=torch.float64, requires_grad=True)
         k = torch.randn(2, 1, 4, 10, dtype=torch.float64, requires_grad=True)

@@ -125,15 +125,16 @@ void attention_bwd_kernel(const AttentionBwdParams& p, double softmax_scale, int
             const int64_t c0 = std::max<int64_t>(0, lo[r] - j0), c1 = std::min<int64_t>(n - 1, hi[r] - j0);
             for (int64_t c = c0; c <= c1; ++c) {
               const Acc x = sbuf[r * bk + c] * scale;
+              if (x == -std::numeric_limits<Acc>::infinity()) continue;  // probability 0, as in the forward
               if (x > m[r]) l[r] = l[r] * std::exp(m[r] - x), m[r] = x;
               l[r] += std::exp(x - m[r]);
             }
           }
         }
         for (int64_t r = 0; r < rows; ++r) {
-          // A row that sees keys gets m + log l even when that is NaN (a NaN or an infinity in
-          // its scores, as the forward): only a row with no visible key has lse = -inf.
-          out64[t * bq + r] = lo[r] <= hi[r] ? m[r] + std::log(l[r]) : -std::numeric_limits<Acc>::infinity();
+          // As the forward: m + log l, NaN when a NaN or +inf is among the scores; -inf for a row
+          // that sees no key or whose visible scores are all -inf (l = 0).
+          out64[t * bq + r] = l[r] != Acc(0) ? m[r] + std::log(l[r]) : -std::numeric_limits<Acc>::infinity();
         }
       }
     });

@@ -76,7 +76,10 @@ SLM_BF16_TARGET void softmax_row(const Acc* s, T* p, int64_t n, int64_t pad, int
   const int64_t end = c1 + 1;
   const Acc m_new = std::max(m, max_scaled(s, c0, end, scale));
   using E = ProbExp<T>;
-  const Vec vscale(scale * E::kFactor), vneg(-m_new * E::kFactor);
+  // While every score so far is -inf (the mask value: such keys get probability 0), shift by 0
+  // instead of -inf, so that exp gives 0 for them rather than exp(-inf + inf) = NaN.
+  const Acc shift = m_new == kNegInf ? Acc(0) : m_new;
+  const Vec vscale(scale * E::kFactor), vneg(-shift * E::kFactor);
   Vec sum0(Acc(0)), sum1(Acc(0));
   std::fill(p, p + c0, T(0));
   int64_t c = c0;
@@ -255,11 +258,11 @@ void attention_fwd_kernel(const AttentionParams& p, double softmax_scale, int64_
     for (int64_t r = 0; r < rows; ++r) {
       T* orow = op + r * p.o_row_stride;
       const Acc l = st.l[r];
-      // A row that sees keys divides by l even when its max stayed -inf or l is NaN: a NaN or an
-      // infinity among its scores then reaches out and lse, as in softmax(S) V computed plainly
-      // (where every score is -inf, or +inf meets +inf, that is NaN). Only rows the mask leaves
-      // without a key get zeros and lse = -inf.
-      if (st.lo[r] <= st.hi[r]) {
+      // A row that sees keys divides by l, also when l is NaN: a NaN among its scores, or a
+      // +inf (whose exp(inf - inf) is NaN, as in softmax), reaches out and lse. A row whose
+      // visible scores are all -inf (l = 0) is a row that sees no key, as one the mask empties:
+      // out = 0, lse = -inf (and no gradient flows through it).
+      if (st.lo[r] <= st.hi[r] && l != Acc(0)) {
         const Vec inv(Acc(1) / l);
         for (int64_t d = 0; d < D; d += W) {
           const int64_t cnt = std::min(W, D - d);
