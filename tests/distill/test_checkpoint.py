@@ -181,9 +181,15 @@ def test_checkpoint_without_recorded_checksums_still_loads_and_says_so(tmp_path)
     ckpt = load_checkpoint(path)
     assert ckpt["state"] == {"step": 1}
     assert all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
-    # what can be checked without checksums still is: here, the safetensors header
+    # what can be checked without checksums still is: the torch archives under a weights-only
+    # load, and the safetensors header
+    marker = tmp_path / "the-pickle-ran"
+    _plant_pickled_object(path, marker, as_torch_archive=True)
+    assert verify_checkpoint(path).problem == ("optimizer.pt: torch.load(weights_only=True) refuses it "
+                                               "(holds a pickled io.open; nothing was run)")
+    assert not marker.exists()
     _truncate(path / "model.safetensors")
-    assert verify_checkpoint(path).problem.startswith("model.safetensors: ")
+    assert verify_checkpoint(path).problem.startswith("model.safetensors: its safetensors header")
 
 
 def test_checkpoint_verify_command(tmp_path, capsys):
