@@ -240,8 +240,9 @@ def _manifest(path: Path) -> dict:
         raise CheckpointError(f"{state_path}: not a JSON object")
     records = manifest.get(FILES_KEY)
     if records is not None and not (isinstance(records, dict) and all(
-            isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
-            for r in records.values())):
+            Path(name).name == name not in ("", ".", "..") and isinstance(r, dict)
+            and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
+            for name, r in records.items())):
         raise CheckpointError(f"{state_path}: its {FILES_KEY!r} record is malformed")
     return manifest
 
