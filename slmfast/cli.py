@@ -1,9 +1,9 @@
 """The one command line: `python -m slmfast <command>` (also installed as `slmfast`).
 
-Commands: info (versions, build, backends and the GPU dispatch table); demo, pretrain, distill
-(slmfast/distill/commands.py); memory (slmfast/recompute/command.py). Each command is a small
-function that parses its own arguments. Commands that take config overrides (`--section.key
-value`) receive the arguments argparse does not know in `args.overrides`.
+Commands: info (versions, build, backends and the GPU dispatch table); demo, pretrain, distill,
+checkpoint verify (slmfast/distill/commands.py); memory (slmfast/recompute/command.py). Each
+command is a small function that parses its own arguments. Commands that take config overrides
+(`--section.key value`) receive the arguments argparse does not know in `args.overrides`.
 """
 
 from __future__ import annotations

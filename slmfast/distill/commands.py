@@ -4,10 +4,11 @@
   slmfast pretrain [--config run.toml] [--key value | --section.key value ...]
   slmfast distill  [--config run.toml] [--key value ...]
   slmfast distill cache-teacher [--config run.toml] [--out DIR] [--key value ...]
+  slmfast checkpoint verify DIR        DIR: one checkpoint, a run directory, or its checkpoints/
 
 Configuration errors print one line naming the key (and the nearest valid key for a typo) and
-exit with status 2; data/teacher/cache mismatches exit with status 1. SLMFAST_DEBUG=1 shows the
-traceback instead.
+exit with status 2; data/teacher/cache mismatches, and a resume that finds no intact checkpoint,
+exit with status 1. SLMFAST_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -144,8 +145,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_checkpoint_verify(args) -> int:
+    """One line per checkpoint; status 1 if any is damaged, 2 if DIR holds no checkpoint."""
+    from slmfast.distill.checkpoint import find_checkpoints, verify_checkpoint
+
+    found = find_checkpoints(args.dir)
+    if not found:
+        print(f"error: no checkpoint in {args.dir} (expected a step-XXXXXXXX directory, a run directory "
+              "with checkpoints/, or a directory of step-* checkpoints)", file=sys.stderr)
+        return 2
+    verdicts = [verify_checkpoint(path) for path in found]
+    for verdict in verdicts:
+        print(f"{verdict.path}: {verdict.describe()}")
+    return 0 if all(v.ok for v in verdicts) else 1
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register demo, pretrain and distill on the top-level `slmfast` parser."""
+    """Register demo, pretrain, distill and checkpoint on the top-level `slmfast` parser."""
     from slmfast.distill.demo import SIZES
 
     demo = sub.add_parser("demo", allow_abbrev=False,
@@ -170,3 +186,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved config as TOML and exit")
         p.set_defaults(func=fn, accepts_overrides=True)
+    checkpoint = sub.add_parser("checkpoint", help="inspect training checkpoints")
+    actions = checkpoint.add_subparsers(dest="action", required=True)
+    verify = actions.add_parser("verify", help="check that checkpoints are intact (files, sizes, sha256, "
+                                               "headers); exit 1 if any is damaged")
+    verify.add_argument("dir", help="one checkpoint (step-XXXXXXXX), a run directory, or its checkpoints/")
+    verify.set_defaults(func=cmd_checkpoint_verify)
