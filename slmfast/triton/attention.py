@@ -266,7 +266,7 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, CU_Q, CU_K,
                                 True, HAS_LEFT, HAS_RIGHT, D, HEAD_DIM, BLOCK_N, DOT_PRECISION,
                                 PRECISE)
 
-    seen = l_i > 0.0                       # rows with at least one visible key
+    seen = l_i != 0.0                      # rows with a visible key (NaN: a NaN or +inf score)
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]            # rows that saw nothing have acc == 0: out row = 0
     if PRECISE:
@@ -353,6 +353,8 @@ def _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_w_ptr, delta_ptr, stride_qm,
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)     # (BLOCK_N, HEAD_DIM)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)         # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
+        if MASKED:  # 0 * NaN: a NaN row of dO V^T or delta must not reach the keys it does not see
+            ds_t = tl.where(visible, ds_t, 0.0)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)      # (BLOCK_N, HEAD_DIM)
     return dk, dv
 
@@ -456,6 +458,8 @@ def _dq_blocks(dq, q, do, lse_w, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, of
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)           # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
+        if MASKED:  # 0 * NaN: a NaN value row must not reach the queries that do not see its key
+            ds = tl.where(visible, ds, 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)        # (BLOCK_M, HEAD_DIM)
     return dq
 

@@ -100,6 +100,7 @@ def _ce_row_kernel(LOGITS, DLOGITS, TARGET, SCALE, LOSS, STATS, cols, logits_str
             if SOFTCAP:
                 zc = z / softcap
                 d = d * (1.0 - zc * zc)
+            d = tl.where(valid, d, 0.0)  # ignored rows: exactly 0, even where their logits hold NaN
             tl.store(d_ptr + cur, d.to(DLOGITS.dtype.element_ty), mask=mask)
 
 

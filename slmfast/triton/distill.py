@@ -26,11 +26,20 @@ NUM_STATS = 7
 
 @triton.jit
 def _log_mix(lp, lq, log_b, log_1mb):
-    """log M = log(beta P + (1 - beta) Q) from log P and log Q, without underflow."""
+    """log M = log(beta P + (1 - beta) Q) from log P and log Q, without underflow; NaN when
+    either is NaN (tl.maximum and tl.minimum drop a NaN operand)."""
     a = lp + log_b
     b = lq + log_1mb
     hi = tl.maximum(a, b)
-    return hi + tl.log(1.0 + tl.exp(tl.minimum(a, b) - hi))
+    lm = hi + tl.log(1.0 + tl.exp(tl.minimum(a, b) - hi))
+    return tl.where((a == a) & (b == b), lm, a + b)
+
+
+@triton.jit
+def _times_nonzero(x, v):
+    """x * v with 0 where x == 0 exactly: 0 log 0 = 0, so a class whose probability is 0 (a -inf
+    logit, a banned token) counts 0 although its log-ratio is infinite or NaN; a NaN x stays."""
+    return tl.where(x == 0.0, 0.0, x * v)
 
 
 @triton.jit
@@ -100,15 +109,15 @@ def _distill_row_kernel(S, DS, T, TARGET, SCALE, LOSS, STATS, cols, s_stride, ds
             q = tl.exp(lq)
             p = tl.exp(lp)
             if KIND == 0:
-                term = p * (lp - lq)
+                term = _times_nonzero(p, lp - lq)
                 cterm = tl.zeros_like(term)
             elif KIND == 1:
-                term = q * (lq - lp)
+                term = _times_nonzero(q, lq - lp)
                 cterm = term
             elif KIND == 2:
                 lm = _log_mix(lp, lq, log_b, log_1mb)
-                cterm = (1.0 - beta) * q * (lq - lm)
-                term = beta * p * (lp - lm) + cterm
+                cterm = (1.0 - beta) * _times_nonzero(q, lq - lm)
+                term = beta * _times_nonzero(p, lp - lm) + cterm
             else:
                 # masses where Q > P and Q < P (see _tvd_grad)
                 term = 0.5 * tl.abs(p - q)
@@ -150,14 +159,15 @@ def _distill_row_kernel(S, DS, T, TARGET, SCALE, LOSS, STATS, cols, s_stride, ds
             if KIND == 0:
                 gu = q - tl.exp(lp)
             elif KIND == 1:
-                gu = q * (lq - lp - c)
+                gu = _times_nonzero(q, lq - lp - c)
             elif KIND == 2:
-                gu = q * ((1.0 - beta) * (lq - _log_mix(lp, lq, log_b, log_1mb)) - c)
+                gu = _times_nonzero(q, (1.0 - beta) * (lq - _log_mix(lp, lq, log_b, log_1mb)) - c)
             else:
                 gu = _tvd_grad(q, tl.exp(lp), c, c2)
             d = gu * (temperature * scale)
             if HARD:
                 d += hard_weight * scale * (tl.exp(s - log_sh) - tl.where(cur == y, 1.0, 0.0))
+            d = tl.where(valid, d, 0.0)  # ignored rows: exactly 0, even where their logits hold NaN
             tl.store(d_ptr + cur, d.to(DS.dtype.element_ty), mask=mask)
 
 

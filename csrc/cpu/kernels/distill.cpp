@@ -69,6 +69,10 @@ void distill_row(const DistillParams& p, int64_t i) {
     const Vec hi = at::vec::maximum(a, b), lo = at::vec::minimum(a, b);
     return hi + (lo - hi).exp().log1p();
   };
+  // x * v with 0 where x == 0 exactly: 0 log 0 = 0, so a class whose probability is 0 (a -inf
+  // logit, a banned token) counts 0 even though its log-ratio is infinite or NaN. A NaN x is not
+  // 0 and still reaches the result.
+  auto times_nonzero = [](const Vec& x, const Vec& v) { return Vec::blendv(x * v, Vec(0), x == Vec(0)); };
   auto tvd_grad = [](const Vec& q, const Vec& pt, Acc above, Acc below) {  // Q (a - sum Q a)
     const Vec tie(Acc(0.5) * (below - above));
     return q * Vec::blendv(Vec::blendv(tie, Vec(-above), q < pt), Vec(below), q > pt);
@@ -107,14 +111,14 @@ void distill_row(const DistillParams& p, int64_t i) {
       const Vec q = lq.exp(), pt = lp.exp();
       Vec term, cterm(0), cterm2(0);
       if constexpr (K == kForwardKL) {
-        term = pt * (lp - lq);
+        term = times_nonzero(pt, lp - lq);
       } else if constexpr (K == kReverseKL) {
-        term = q * (lq - lp);
+        term = times_nonzero(q, lq - lp);
         cterm = term;
       } else if constexpr (K == kJSD) {
         const Vec lm = log_mix(lp, lq);
-        cterm = Vec(Acc(1) - beta) * q * (lq - lm);
-        term = Vec(beta) * pt * (lp - lm) + cterm;
+        cterm = Vec(Acc(1) - beta) * times_nonzero(q, lq - lm);
+        term = Vec(beta) * times_nonzero(pt, lp - lm) + cterm;
       } else {
         term = Vec(Acc(0.5)) * (pt - q).abs();
         cterm = Vec::blendv(Vec(0), q, q > pt);
@@ -148,9 +152,9 @@ void distill_row(const DistillParams& p, int64_t i) {
     if constexpr (K == kForwardKL) {
       gu = q - lp.exp();
     } else if constexpr (K == kReverseKL) {
-      gu = q * (lq - lp - Vec(c));
+      gu = times_nonzero(q, lq - lp - Vec(c));
     } else if constexpr (K == kJSD) {
-      gu = q * (Vec(Acc(1) - beta) * (lq - log_mix(lp, lq)) - Vec(c));
+      gu = times_nonzero(q, Vec(Acc(1) - beta) * (lq - log_mix(lp, lq)) - Vec(c));
     } else {
       gu = tvd_grad(q, lp.exp(), c, c2);
     }
