@@ -100,7 +100,7 @@ class _Divergence(torch.autograd.Function):
         # The kernel's gradient is d(T^2 D)/dz; TRL's loss is D / count, and dz/dy = s_scale.
         grad_scale = factor * (s_scale / temperature ** 2) if any(need) else None
         rows, gh, gw, gb = C.chunked(rows_fn, sh, sw, sb, vocab, chunk, grad_scale, need)
-        ctx.has_bias = sb is not None
+        ctx.has_bias, ctx.hidden_shape = sb is not None, sh.shape
         ctx.save_for_backward(gh, gw, gb)
         ctx.mark_non_differentiable(entropy)
         return rows.sum() * (factor / temperature ** 2)
@@ -108,6 +108,8 @@ class _Divergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         gh, gw, gb = C.scale_saved_grads(ctx.saved_tensors, grad_loss)
+        if gh is None and ctx.needs_input_grad[0]:   # no row in the loss: (0, H), still a gradient
+            gh = grad_loss.new_zeros(ctx.hidden_shape)
         return gh, gw, gb if ctx.has_bias else None, None, None, None, None, None, None
 
 
@@ -169,7 +171,8 @@ def chunked_divergence_loss(
                          f"{tuple(completion_mask.shape)}")
     if tuple(teacher_hidden_states.shape[:-1]) != tuple(student_hidden_states.shape[:-1]):
         raise ValueError(f"{OP}: teacher_hidden_states must have the leading shape of student_hidden_states "
-                         f"{tuple(student_hidden_states.shape[:-1])}, got {tuple(teacher_hidden_states.shape[:-1])}")
+                         f"{tuple(student_hidden_states.shape[:-1])}, got "
+                         f"{tuple(teacher_hidden_states.shape[:-1])}")
     valid = completion_mask.reshape(-1) != 0                                   # (N,)
     n_valid = valid.sum()
     with _gather_ctx(student_lm_head_weight, student_lm_head_bias), \
@@ -196,16 +199,12 @@ def chunked_divergence_loss(
         n = hs.shape[0]
         vocab = M.vocab_columns(OP, sw.shape[0], tw.shape[0], None)
         entropy = torch.zeros(n, dtype=acc, device=hs.device)                  # (n,)
-        if n == 0:   # no position in the loss: a zero that still reaches the student's graph
-            loss = (student_hidden_states.sum() * 0).to(acc)
-            return loss, entropy.sum(), n_valid
         chunk = int(chunk_size) if chunk_size else C.default_chunk_size(n, hs.shape[1], vocab, hs.device)
         name = select_backend("distill_loss", IMPLEMENTED, hs.device, hs.dtype, backend, any(need))
+        s_cap, t_cap = student_final_logit_softcapping, teacher_final_logit_softcapping
         options = (kind, beta, float(temperature), float(student_logit_scale),
-                   None if student_final_logit_softcapping is None else float(student_final_logit_softcapping),
-                   float(teacher_logit_scale),
-                   None if teacher_final_logit_softcapping is None else float(teacher_final_logit_softcapping),
-                   vocab, chunk, need, name)
+                   None if s_cap is None else float(s_cap), float(teacher_logit_scale),
+                   None if t_cap is None else float(t_cap), vocab, chunk, need, name)
         loss = _Divergence.apply(hs, sw, sb, ht, tw, tb, factor, entropy, options)
     return loss, entropy.sum(), n_valid
 
@@ -273,7 +272,8 @@ def patch() -> list[str]:
     for key, owner, attribute, replacement in _targets():
         if key not in _ORIGINALS:
             # GKD's is a staticmethod: keep the function itself, to call and to restore.
-            _ORIGINALS[key] = owner.__dict__[attribute] if isinstance(owner, type) else getattr(owner, attribute)
+            is_class = isinstance(owner, type)
+            _ORIGINALS[key] = owner.__dict__[attribute] if is_class else getattr(owner, attribute)
             setattr(owner, attribute, replacement)
         done.append(f"{getattr(owner, '__name__', owner)}.{attribute}")
     backends.extension()   # load the kernels now, not inside the first training step
