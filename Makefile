@@ -1,5 +1,5 @@
 # slmfast — every target sets up what it needs: `make test` and `make demo` work on a fresh clone.
-#   make install     .venv + torch (TORCH=torch==2.13.0 unless given) + slmfast[dev], editable, with _C built
+#   make install     .venv + torch (TORCH=torch==2.13.0 unless given) + slmfast[dev,trl,lightning], editable, _C built
 #   make build       rebuild slmfast._C in place after editing csrc/ (incremental, ninja)
 #   make test        cuda-check (when nvcc is present), then the test suite
 #   make demo        the distillation demo (see README)
@@ -23,7 +23,7 @@ $(PY):
 $(VENV)/.installed: pyproject.toml setup.py | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install --upgrade "setuptools>=77" wheel
-	$(PY) -m pip install -e '.[dev]' --no-build-isolation
+	$(PY) -m pip install -e '.[dev,trl,lightning]' --no-build-isolation
 	touch $@
 
 install: $(VENV)/.installed build

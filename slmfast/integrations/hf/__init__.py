@@ -10,6 +10,8 @@ and RoPE (modules.py), switches the attention to "slmfast" and computes the caus
 without logits (loss.py). Architectures with a known layout: Llama, Mistral, Qwen2, Qwen3,
 Gemma, Gemma 2, Phi-3, GPT-2; any other model gets the attention only, with a warning that
 names what was not patched. The patched model keeps its parameters, state_dict and class.
+`DistillationTrainer` (distill.py) is a transformers.Trainer that distils a teacher with the fused
+distillation losses.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from slmfast.integrations.hf.attention import NAME, attention_forward, padding_m
 from slmfast.integrations.hf.loss import patch_loss, unpatch_loss
 from slmfast.integrations.hf.modules import patch_mlps, patch_norms, patch_rotary
 
-__all__ = ["NAME", "AutoModelForCausalLM", "attention_forward", "padding_mask", "patch", "register",
-           "unpatch", "KNOWN_ARCHITECTURES"]
+__all__ = ["NAME", "AutoModelForCausalLM", "DistillationTrainer", "attention_forward", "padding_mask",
+           "patch", "register", "unpatch", "KNOWN_ARCHITECTURES"]
 
 KNOWN_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
 _STATE = "_slmfast_patch"
@@ -98,6 +100,14 @@ def unpatch(model: nn.Module) -> nn.Module:
             model.set_attn_implementation(state["attn_implementation"])
     delattr(model, _STATE)
     return model
+
+
+def __getattr__(name: str):
+    # DistillationTrainer imports transformers' Trainer (and accelerate): only when asked for.
+    if name == "DistillationTrainer":
+        from slmfast.integrations.hf.distill import DistillationTrainer
+        return DistillationTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class AutoModelForCausalLM:
