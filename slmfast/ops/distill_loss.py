@@ -1,5 +1,5 @@
-"""Distillation losses: dense on hidden states (chunked), on logits, and against a cached top-k
-teacher — contract, reference, autograd, dispatch.
+"""Distillation losses: dense on hidden states (chunked), on logits, and against a cached top-k or
+sampled teacher — contract, reference, autograd, dispatch.
 
 The loss of a token (row) with student logits s and teacher logits t over the shared vocabulary
 (the math and the JSD(beta) endpoints are in slmfast/ops/_loss_math.py):
@@ -40,6 +40,29 @@ student's Q_T = softmax(s / T) over the full vocabulary is grouped the same way:
 renormalized (none), or the k ids plus the summed mass of all other tokens (bucket).
 Then T^2 * D(P_S || Q_S) + hard_weight * CE as above. With k = V both tails are empty and the loss
 is the dense one. Row math in PyTorch on every backend (_loss_math.topk_rows_torch), chunked.
+
+sampled_distill_loss: against tokens drawn from the teacher (random-sampling KD, Anshumann et al.
+2025, "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs"): per row m ids
+`teacher_sample_ids` (N, m) with `teacher_sample_weights` (N, m), either integer draw counts
+(weights count / row total) or float weights (count / N times P_T / r for draws from a proposal r
+other than the teacher), weight 0 marking padding; optionally `teacher_entropy` (N,), H(P_T).
+Row loss: T^2 (-sum_j w_j log Q_T(id_j) - H) + hard_weight * CE, Q_T over the FULL vocabulary.
+With draws from P_T (the teacher at the same temperature T), its expected value is T^2 KL(P_T ||
+Q_T) (+ hard CE) and its expected gradient T (Q_T - P_T), full forward-KL distillation's; without
+the entropy the value is off by the constant T^2 H(P_T) and the gradient is unchanged. Only
+forward KL: a sample of P estimates expectations under P, which reverse KL, JSD and TVD are not.
+How the paper's choices map here: draws with replacement from the teacher itself (proposal =
+teacher, so the weights are counts / N and the estimate is unbiased, not self-normalized), the
+draws made at the distillation temperature and the loss scaled by T^2 as the dense loss is; the
+entropy is ours, so that the logged value is a KL and equals the dense loss when the "draws" are
+the whole distribution. Row math: the torch backend (_loss_math.sampled_rows_torch: gather, one
+softmax pass for the gradient) on every device; for float32 chunks on cpu and triton, the dense
+distillation row kernels above are reused with a (C, V) teacher whose softmax(t / T) is w / W
+(T log w on the sampled ids, -inf elsewhere), the gradient scaled by W per row and the value
+corrected by T^2 (W H(w / W) - H) (float weights with hard_weight > 0, and bf16/fp16 chunks,
+whose teacher logits would be rounded, take the torch row math). Transient per chunk: that
+(C, V) teacher besides the student's logits, as distill_loss with a live teacher. Saved for
+backward: the gradients, as above.
 
 Backends (row kernels): triton (slmfast/triton/distill.py), cpu (csrc/cpu/cross_entropy.cpp),
 torch (_loss_math). No CUDA kernel: on a GPU the automatic choice is triton.
