@@ -2,7 +2,12 @@
 
 from slmfast.ops.attention import attention, scaled_dot_product_attention
 from slmfast.ops.cross_entropy import cross_entropy
-from slmfast.ops.distill_loss import distill_loss, distill_loss_from_logits, topk_distill_loss
+from slmfast.ops.distill_loss import (
+    distill_loss,
+    distill_loss_from_logits,
+    sampled_distill_loss,
+    topk_distill_loss,
+)
 from slmfast.ops.glu_linear import glu_linear
 from slmfast.ops.layer_norm import layer_norm
 from slmfast.ops.linear_cross_entropy import linear_cross_entropy
@@ -13,6 +18,6 @@ from slmfast.ops.swiglu import geglu, swiglu
 
 __all__ = ["attention", "scaled_dot_product_attention",
            "cross_entropy", "distill_loss", "distill_loss_from_logits", "linear_cross_entropy",
-           "topk_distill_loss",
+           "topk_distill_loss", "sampled_distill_loss",
            "rms_norm",
            "layer_norm", "swiglu", "geglu", "rotary", "rms_norm_linear", "glu_linear"]

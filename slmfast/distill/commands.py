@@ -4,6 +4,7 @@
   slmfast pretrain [--config run.toml] [--key value | --section.key value ...]
   slmfast distill  [--config run.toml] [--key value ...]
   slmfast distill cache-teacher [--config run.toml] [--out DIR] [--key value ...]
+      (--loss.cache_kind sampled --loss.samples N: N draws per position instead of the top k)
   slmfast checkpoint verify DIR        DIR: one checkpoint, a run directory, or its checkpoints/
 
 Configuration errors print one line naming the key (and the nearest valid key for a typo) and
@@ -112,9 +113,11 @@ def cache_teacher(config: DistillConfig, out: str | None = None) -> Path:
     windows = Windows(data.splits["train"], dc.seq_len, dc.pack)
     sampler = WindowSampler(windows.count, config.seed)
     needed = sampler.take(0, tr.steps * tr.batch_size * tr.grad_accum)
+    lo = config.loss
     return build_cache(out, teacher=teacher, data=data, seq_len=dc.seq_len, pack=dc.pack, window_ids=needed,
-                       k=config.loss.topk, batch_windows=max(1, tr.batch_size), progress=tr.progress,
-                       tokenizer_json=tokenizer.to_str())
+                       k=lo.topk, batch_windows=max(1, tr.batch_size), progress=tr.progress,
+                       tokenizer_json=tokenizer.to_str(), kind=lo.cache_kind, samples=lo.samples,
+                       temperature=lo.temperature, sample_seed=lo.sample_seed)
 
 
 def _reexec_with_passive_openmp() -> None:
@@ -178,7 +181,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=cmd_demo, accepts_overrides=True)
     for name, fn, text in (("pretrain", cmd_pretrain, "train a model with plain cross-entropy (no teacher)"),
                            ("distill", cmd_distill, "distill a student from a teacher; `distill "
-                                                    "cache-teacher` writes the offline top-k teacher cache")):
+                                                    "cache-teacher` writes the offline teacher cache "
+                                                    "(top-k, or --loss.cache_kind sampled)")):
         p = sub.add_parser(name, allow_abbrev=False, help=text,
                            description=text + ". Every config key can be given as --key value or "
                                               "--section.key value (see --print-config).")

@@ -74,7 +74,10 @@ class LossConfig:
     beta: float = 0.5               # JSD mixing weight
     temperature: float = 1.0        # soft loss scaled by T^2 (Hinton et al. 2015)
     alpha: float = 0.0              # weight of the hard-label cross-entropy added to the soft loss
-    topk: int = 64                  # k of the offline teacher cache
+    topk: int = 64                  # k of the offline teacher cache (cache_kind topk)
+    cache_kind: str = "topk"        # offline cache: topk (top-k log-probs) | sampled (draws from the teacher)
+    samples: int = 12               # draws per position of a sampled cache (<= 255)
+    sample_seed: int = 0            # seed of a sampled cache's draws (recorded in its manifest)
     tail: str = "bucket"            # top-k loss: "none" | "bucket" (missing mass as one bucket)
     chunk_size: int = 0             # tokens per chunk in the fused losses (0 = the op's default)
 
@@ -213,6 +216,12 @@ class DistillConfig:
         need(lo.alpha >= 0, "loss.alpha", "must be >= 0")
         need(lo.topk >= 1, "loss.topk", "must be >= 1")
         need(lo.tail in ("none", "bucket"), "loss.tail", "must be none or bucket")
+        need(lo.cache_kind in ("topk", "sampled"), "loss.cache_kind", "must be topk or sampled")
+        need(1 <= lo.samples <= 255, "loss.samples", "must be in [1, 255] (counts are stored as uint8)")
+        need(lo.sample_seed >= 0, "loss.sample_seed", "must be >= 0")
+        if lo.cache_kind == "sampled":
+            need(lo.kind == "forward_kl", "loss.kind", "a sampled cache estimates forward KL only "
+                 "(draws from the teacher); use loss.kind forward_kl")
         need(lo.chunk_size >= 0, "loss.chunk_size", "must be >= 0")
         need(o.lr > 0, "optim.lr", "must be > 0")
         need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")

@@ -81,11 +81,13 @@ def setup_teacher(config: DistillConfig, env: D.Env, run_data: RunData, mode: st
         say(f"teacher: {tc.path} ({teacher.kind}, {params:,} parameters, {resolve_dtype(tc.dtype, device)}, "
             f"{device}{', sharded' if teacher.sharded is not None else ''})")
     if mode == "distill" and tc.cache:
-        cache = TeacherCache(tc.cache, data=data, seq_len=dc.seq_len, pack=dc.pack, k=config.loss.topk,
-                             teacher_id=teacher.id if teacher is not None else None)
+        lo = config.loss
+        cache = TeacherCache(tc.cache, data=data, seq_len=dc.seq_len, pack=dc.pack, k=lo.topk,
+                             teacher_id=teacher.id if teacher is not None else None, kind=lo.cache_kind,
+                             samples=lo.samples, temperature=lo.temperature)
         cache.check_covers(run_data.sampler.take(0, tr.steps * tr.batch_size * tr.grad_accum))
-        say(f"teacher: offline top-{config.loss.topk} cache {tc.cache} "
-            f"(teacher {cache.manifest['teacher_path']})")
+        what = f"top-{lo.topk}" if lo.cache_kind == "topk" else f"sampled ({lo.samples} draws)"
+        say(f"teacher: offline {what} cache {tc.cache} (teacher {cache.manifest['teacher_path']})")
     return teacher, cache
 
 

@@ -8,7 +8,8 @@ Losses (slmfast.functional), all on final hidden states and the LM-head weight, 
 (tokens x vocab) logits of neither model are materialized:
   * with a live teacher: distill_loss(student_hidden, W_s, teacher_hidden, W_t, target, kind, beta,
     temperature, hard_weight=alpha): soft loss x T^2 (Hinton et al. 2015) + alpha * CE;
-  * with the offline cache: topk_distill_loss against the cached top-k log-probabilities;
+  * with the offline cache: topk_distill_loss against the cached top-k log-probabilities, or
+    sampled_distill_loss against tokens drawn from the teacher (ids, counts, teacher entropy);
   * without a teacher (pretraining): linear_cross_entropy.
 Every loss is a sum over the micro-batch's predicting positions divided by `num_items`, the count
 over the whole accumulated (and all-reduced) batch, so accumulation and data parallelism give the
@@ -39,7 +40,8 @@ class StepModule(nn.Module):
 
     def forward(self, input_ids, cu_seqlens, max_seqlen: int, targets, num_items=None,
                 teacher_hidden=None, teacher_weight=None, teacher_bias=None, topk_ids=None,
-                topk_logprobs=None, teacher_top1=None, mode: str = "loss"):
+                topk_logprobs=None, teacher_top1=None, mode: str = "loss", sample_ids=None,
+                sample_counts=None, sample_entropy=None):
         hidden = self.student.hidden_states(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # (N, H)
         weight = self.student.output_weight                                                          # (V, H)
         if weight.dtype != hidden.dtype:            # autocast: the loss ops take one dtype
@@ -63,6 +65,11 @@ class StepModule(nn.Module):
                                        beta=c.beta, temperature=c.temperature, hard_weight=c.alpha,
                                        ignore_index=IGNORE_INDEX, tail=c.tail, chunk_size=chunk,
                                        num_items=num_items)
+        if sample_ids is not None:
+            return F.sampled_distill_loss(hidden, weight, sample_ids, sample_counts,
+                                          teacher_entropy=sample_entropy, temperature=c.temperature,
+                                          target=targets, hard_weight=c.alpha,
+                                          ignore_index=IGNORE_INDEX, chunk_size=chunk, num_items=num_items)
         return F.linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, chunk_size=chunk,
                                       num_items=num_items)
 

@@ -212,8 +212,7 @@ class _Run:
     def teacher_inputs(self, batch) -> dict:
         device = self.env.device
         if self.cache is not None:
-            ids, lps = self.cache.lookup(batch.windows)                                     # (N, k) each
-            return {"topk_ids": ids.to(device), "topk_logprobs": lps.to(device)}
+            return self.cache.inputs(batch.windows, device)          # top-k or sampled (distill/cache.py)
         if self.teacher is not None:
             th = self.teacher.hidden(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)   # (N, Ht)
             tb = self.teacher.output_bias

@@ -348,3 +348,90 @@ def topk_rows_torch(student, topk_ids, topk_logprobs, target, grad_scale, kind, 
             d = torch.where(valid[:, None], d, 0)
         student.copy_(d)
     return loss
+
+
+# ---- sampled teacher (random-sampling KD): references and row kernels -----------------------
+#
+# Anshumann et al. 2025, "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs":
+# instead of the teacher's top k, keep a few tokens drawn from the teacher, as (id, weight) pairs
+# per row. With x_1..x_N drawn from the tempered teacher P_T and weights w(x) = count(x) / N
+# (or count(x) / N * P_T(x) / r(x) for draws from another proposal r), sum_x w(x) f(x) is an
+# unbiased estimate of E_P_T[f] for every f. The row loss
+#     T^2 * (-sum_j w_j log Q_T(id_j) - H_row)
+# with Q_T = softmax(s / T) over the FULL vocabulary is then, in expectation, T^2 * (CE(P_T, Q_T)
+# - H_row): with H_row the teacher's entropy H(P_T) that is T^2 KL(P_T || Q_T) exactly, and its
+# gradient T (W Q_T - w) (W = sum_j w_j, 1 for counts) has expectation T (Q_T - P_T), the
+# gradient of full forward-KL distillation. Normalizing the student over the sampled ids only
+# would bias it (as top-k is biased); the entropy is a constant that carries no gradient.
+
+
+def sampled_rows_reference(student_logits, sample_ids, sample_weights, entropy, target, temperature: float,
+                           hard_weight: float, ignore_index: int):
+    """Per-row sampled-teacher loss by autograd: T^2 (-sum_j w_j log_softmax(s / T)[id_j] - H) (+ hard
+    CE); weights as given (already normalized). Entries of weight exactly 0 count 0 (padding)."""
+    if target is not None:  # ignored rows: exactly 0 and no gradient, whatever they hold
+        valid = (target != ignore_index)[:, None]
+        student_logits = torch.where(valid, student_logits, 0)
+    lq = F.log_softmax(student_logits / temperature, -1).gather(-1, sample_ids)      # (N, m)
+    w = sample_weights.to(lq.dtype)
+    rows = -torch.where(w == 0, 0, w * lq).sum(-1)
+    if entropy is not None:
+        rows = rows - entropy.to(rows.dtype)
+    rows = temperature ** 2 * rows
+    if target is not None:
+        rows = torch.where(target != ignore_index, rows, 0)
+        if hard_weight:
+            rows = rows + hard_weight * F.cross_entropy(student_logits, target, ignore_index=ignore_index,
+                                                        reduction="none")
+    return rows
+
+
+def sampled_rows_torch(student, sample_ids, sample_weights, entropy, target, grad_scale, temperature,
+                       hard_weight, ignore_index):
+    """Per-row sampled-teacher loss; with grad_scale, the scaled gradient over student:
+    d loss / d s = T (W softmax(s / T) - scatter(w)) + hard_weight (softmax(s) - onehot(y))."""
+    acc = acc_dtype(student.dtype)
+    s = student.to(acc)
+    lq = F.log_softmax(s / temperature, -1)                                           # (C, V)
+    w = sample_weights.to(acc)                                                        # (C, m)
+    loss = -torch.where(w == 0, 0, w * lq.gather(-1, sample_ids)).sum(-1)
+    if entropy is not None:
+        loss = loss - entropy.to(acc)
+    loss = temperature ** 2 * loss
+    valid = target != ignore_index if target is not None else None
+    hard = hard_weight > 0 and target is not None
+    if hard:
+        loss = loss + hard_weight * F.cross_entropy(s, torch.where(valid, target, 0), reduction="none")
+    if valid is not None:
+        loss = torch.where(valid, loss, 0)
+    if grad_scale is not None:
+        du = lq.exp_().mul_(w.sum(-1, keepdim=True)).scatter_add_(-1, sample_ids, -w)   # (C, V)
+        d = temperature * du
+        if hard:
+            d = d + hard_weight * _ce_grad(s, torch.where(valid, target, 0))
+        d = d * grad_scale.to(acc).expand(s.shape[0])[:, None]
+        if valid is not None:  # ignored rows: 0 even for NaN logits
+            d = torch.where(valid[:, None], d, 0)
+        student.copy_(d)
+    return loss
+
+
+def sampled_dense_teacher(sample_ids, sample_weights, vocab: int, temperature: float, dtype):
+    """(C, V) teacher logits t whose softmax(t / T) is the normalized sampled distribution w / W:
+    t = T log w on the sampled ids, -inf (probability exactly 0) everywhere else. Lets the dense
+    distillation row kernels compute the sampled loss's gradient (slmfast/ops/distill_loss.py)."""
+    w = sample_weights.to(torch.float32)
+    logw = torch.log(w.clamp(min=torch.finfo(torch.float32).tiny))
+    vals = torch.where(w > 0, temperature * logw, -torch.inf)                         # (C, m)
+    t = torch.full((sample_ids.shape[0], vocab), -torch.inf, dtype=torch.float32, device=sample_ids.device)
+    # amax: a weight-0 padding entry that shares an id with a sampled one must not overwrite it
+    t.scatter_reduce_(-1, sample_ids, vals, reduce="amax")                            # (C, V)
+    return t.to(dtype)
+
+
+def sampled_row_entropy(sample_weights):
+    """(W, H(w / W)) per row: the weights' sum and the entropy of the normalized sampled distribution."""
+    w = sample_weights.to(torch.float32 if sample_weights.dtype != torch.float64 else torch.float64)
+    total = w.sum(-1)
+    p = w / total.clamp(min=torch.finfo(w.dtype).tiny)[:, None]
+    return total, -torch.where(p > 0, p * torch.log(p.clamp(min=torch.finfo(w.dtype).tiny)), 0).sum(-1)

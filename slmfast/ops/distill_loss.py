@@ -1,5 +1,5 @@
-"""Distillation losses: dense on hidden states (chunked), on logits, and against a cached top-k
-teacher — contract, reference, autograd, dispatch.
+"""Distillation losses: dense on hidden states (chunked), on logits, and against a cached top-k or
+sampled teacher — contract, reference, autograd, dispatch.
 
 The loss of a token (row) with student logits s and teacher logits t over the shared vocabulary
 (the math and the JSD(beta) endpoints are in slmfast/ops/_loss_math.py):
@@ -41,6 +41,29 @@ renormalized (none), or the k ids plus the summed mass of all other tokens (buck
 Then T^2 * D(P_S || Q_S) + hard_weight * CE as above. With k = V both tails are empty and the loss
 is the dense one. Row math in PyTorch on every backend (_loss_math.topk_rows_torch), chunked.
 
+sampled_distill_loss: against tokens drawn from the teacher (random-sampling KD, Anshumann et al.
+2025, "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs"): per row m ids
+`teacher_sample_ids` (N, m) with `teacher_sample_weights` (N, m), either integer draw counts
+(weights count / row total) or float weights (count / N times P_T / r for draws from a proposal r
+other than the teacher), weight 0 marking padding; optionally `teacher_entropy` (N,), H(P_T).
+Row loss: T^2 (-sum_j w_j log Q_T(id_j) - H) + hard_weight * CE, Q_T over the FULL vocabulary.
+With draws from P_T (the teacher at the same temperature T), its expected value is T^2 KL(P_T ||
+Q_T) (+ hard CE) and its expected gradient T (Q_T - P_T), full forward-KL distillation's; without
+the entropy the value is off by the constant T^2 H(P_T) and the gradient is unchanged. Only
+forward KL: a sample of P estimates expectations under P, which reverse KL, JSD and TVD are not.
+How the paper's choices map here: draws with replacement from the teacher itself (proposal =
+teacher, so the weights are counts / N and the estimate is unbiased, not self-normalized), the
+draws made at the distillation temperature and the loss scaled by T^2 as the dense loss is; the
+entropy is ours, so that the logged value is a KL and equals the dense loss when the "draws" are
+the whole distribution. Row math: the torch backend (_loss_math.sampled_rows_torch: gather, one
+softmax pass for the gradient) on every device; for float32 chunks on cpu and triton, the dense
+distillation row kernels above are reused with a (C, V) teacher whose softmax(t / T) is w / W
+(T log w on the sampled ids, -inf elsewhere), the gradient scaled by W per row and the value
+corrected by T^2 (W H(w / W) - H) (float weights with hard_weight > 0, and bf16/fp16 chunks,
+whose teacher logits would be rounded, take the torch row math). Transient per chunk: that
+(C, V) teacher besides the student's logits, as distill_loss with a live teacher. Saved for
+backward: the gradients, as above.
+
 Backends (row kernels): triton (slmfast/triton/distill.py), cpu (csrc/cpu/cross_entropy.cpp),
 torch (_loss_math). No CUDA kernel: on a GPU the automatic choice is triton.
 """
@@ -58,8 +81,10 @@ from slmfast.ops.linear_cross_entropy import loss_dtype, needs_grad, prepare_lin
 OP = "distill_loss"
 OP_LOGITS = "distill_loss_from_logits"
 OP_TOPK = "topk_distill_loss"
+OP_SAMPLED = "sampled_distill_loss"
 IMPLEMENTED = ("triton", "cpu", "torch")
 IMPLEMENTED_TOPK = ("torch",)
+IMPLEMENTED_SAMPLED = IMPLEMENTED  # cpu / triton through the dense distill row kernels (docstring)
 NUM_STATS = 7  # per-row stats of the distill row kernels (csrc/cpu/cross_entropy.cpp)
 
 
@@ -114,6 +139,30 @@ def topk_distill_loss_reference(student_logits, teacher_topk_ids, teacher_topk_l
     y = target.reshape(-1) if target is not None else None
     rows = M.topk_rows_reference(s, ids, lp, y, k, beta, temperature, hard_weight, ignore_index, tail)
     return _reduce(rows, y, ignore_index, reduction, num_items, student_logits.dtype, OP_TOPK)
+
+
+def _sample_weights(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Integer draw counts -> count / row total (the rows' draws); float weights as they are."""
+    if weights.dtype.is_floating_point:
+        return weights.to(dtype)
+    counts = weights.to(dtype)
+    return counts / counts.sum(-1, keepdim=True).clamp(min=1)
+
+
+def sampled_distill_loss_reference(student_logits, teacher_sample_ids, teacher_sample_weights, *,
+                                   teacher_entropy=None, temperature=1.0, target=None, hard_weight=0.0,
+                                   ignore_index=-100, num_items=None, reduction="mean"):
+    """The sampled-teacher loss of full student logits by autograd (log_softmax, gather)."""
+    v = student_logits.shape[-1]
+    s = student_logits.reshape(-1, v)
+    ids = teacher_sample_ids.reshape(s.shape[0], -1).to(torch.int64)
+    w = _sample_weights(teacher_sample_weights.reshape(s.shape[0], -1), s.dtype)
+    h = teacher_entropy.reshape(-1) if teacher_entropy is not None else None
+    y = target.reshape(-1) if target is not None else None
+    rows = M.sampled_rows_reference(s, ids, w, h, y, temperature, hard_weight, ignore_index)
+    if reduction == "none":
+        return rows.reshape(student_logits.shape[:-1])
+    return _reduce(rows, y, ignore_index, reduction, num_items, student_logits.dtype, OP_SAMPLED)
 
 
 # ---- custom ops: the chunk loops ------------------------------------------------------------
@@ -181,6 +230,49 @@ def _topk_fused(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, ids
 
 _topk_fused.register_fake(_fake_fused)
 _topk_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+def _sampled_dense_path(backend: str, dtype: torch.dtype, normalized: bool, hard_weight: float) -> bool:
+    """Whether a chunk runs on the dense distillation row kernels (module docstring: sampled)."""
+    return backend != "torch" and dtype == torch.float32 and (normalized or hard_weight == 0)
+
+
+@torch.library.custom_op("slmfast_loss::sampled_distill_fused", mutates_args=())
+def _sampled_fused(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, ids: torch.Tensor,
+                   weights: torch.Tensor, entropy: torch.Tensor | None, target: torch.Tensor | None,
+                   scale: torch.Tensor, temperature: float, hard_weight: float, ignore_index: int,
+                   normalized: bool, chunk_size: int, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dense = _sampled_dense_path(backend, sh.dtype, normalized, hard_weight)
+    t2 = temperature ** 2
+
+    def rows_fn(c0, c1, logits, grad_scale):
+        i, w = ids[c0:c1], weights[c0:c1]                                                # (C, m) each
+        h = entropy[c0:c1] if entropy is not None else None                              # (C,)
+        y = target[c0:c1] if target is not None else None
+        if not dense:
+            return M.sampled_rows_torch(logits, i, w, h, y, grad_scale, temperature, hard_weight,
+                                        ignore_index)
+        t = M.sampled_dense_teacher(i, w, logits.shape[1], temperature, logits.dtype)  # (C, V)
+        total, h_hat = M.sampled_row_entropy(w)                                          # (C,) each
+        if normalized:
+            total = torch.ones_like(total)
+        elif grad_scale is not None:
+            grad_scale = grad_scale * total             # T (W Q - w) = W * T (Q - w / W)
+        rows = C.distill_rows(backend, logits, t, y, grad_scale, M.KINDS["forward_kl"], 0.0, temperature,
+                              hard_weight, ignore_index)
+        # kernel: T^2 KL(w / W || Q_T) (+ hard); ours: T^2 (W (KL + H(w / W)) - H_row) (+ hard)
+        rows = rows * total + t2 * (total * h_hat - (h.to(total.dtype) if h is not None else 0))
+        return torch.where(y != ignore_index, rows, 0) if y is not None else rows
+
+    compute = grad_hidden or grad_weight or grad_bias
+    rows, gh, gw, gb = C.chunked(rows_fn, sh, sw, sb, sw.shape[0], chunk_size, scale if compute else None,
+                                 (grad_hidden, grad_weight, grad_bias))
+    return rows.sum() * scale, gh, gw, gb
+
+
+_sampled_fused.register_fake(_fake_fused)
+_sampled_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 # ---- distill_loss_from_logits: the row ops with autograd ------------------------------------
@@ -385,4 +477,79 @@ def topk_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
     loss, *_ = torch.ops.slmfast_loss.topk_distill_fused(
         sh, sw, sb, ids, lp, y, scale, k, float(beta), float(temperature), float(hard_weight),
         int(ignore_index), tail, chunk, need[0], need[1], need[2], name)
+    return loss.to(loss_dtype(student_hidden, sh))
+
+
+def sampled_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                         teacher_sample_ids: torch.Tensor, teacher_sample_weights: torch.Tensor, *,
+                         teacher_entropy: torch.Tensor | None = None, temperature: float = 1.0,
+                         target: torch.Tensor | None = None, hard_weight: float = 0.0,
+                         ignore_index: int = -100, chunk_size: int | None = None, num_items=None,
+                         student_bias: torch.Tensor | None = None, reduction: str = "mean",
+                         backend: str | None = None):
+    """Forward-KL distillation against tokens sampled from the teacher, chunked; see the module
+    docstring. teacher_sample_ids (..., m): ids drawn from the teacher at `temperature`;
+    teacher_sample_weights (..., m): integer draw counts (normalized per row) or float weights;
+    teacher_entropy (...,): the teacher's entropy at `temperature`, or None (the loss is then the
+    cross-entropy part, the KL up to a constant per row)."""
+    op = OP_SAMPLED
+    _check_options(op, "forward_kl", 0.0, temperature, hard_weight, reduction, target)
+    need = needs_grad(student_hidden, student_weight, student_bias)
+    sh, sw, sb = prepare_linear(op, student_hidden, student_weight, student_bias, "student_hidden",
+                                "student_weight", "student_bias")
+    n, v = sh.shape[0], sw.shape[0]
+    ids_in, w_in = teacher_sample_ids, teacher_sample_weights
+    _checks.check_tensor(op, "teacher_sample_ids", ids_in)
+    _checks.check_tensor(op, "teacher_sample_weights", w_in)
+    _checks.check_same_device(op, student_hidden=sh, teacher_sample_ids=ids_in, teacher_sample_weights=w_in)
+    lead = tuple(student_hidden.shape[:-1])
+    if ids_in.dtype.is_floating_point or ids_in.dtype == torch.bool or tuple(ids_in.shape[:-1]) != lead:
+        raise ValueError(f"{op}: teacher_sample_ids must be integer with shape {lead + ('m',)}, got "
+                         f"{tuple(ids_in.shape)} {ids_in.dtype}")
+    if tuple(w_in.shape) != tuple(ids_in.shape) or w_in.dtype == torch.bool or w_in.dtype.is_complex:
+        raise ValueError(f"{op}: teacher_sample_weights must be counts (integer) or weights (float) with the "
+                         f"shape of teacher_sample_ids {tuple(ids_in.shape)}, got {tuple(w_in.shape)} "
+                         f"{w_in.dtype}")
+    m = ids_in.shape[-1]
+    if m < 1:
+        raise ValueError(f"{op}: teacher_sample_ids needs at least one sample per row (last dim >= 1), "
+                         f"got {m}")
+    acc = M.acc_dtype(sh.dtype)
+    normalized = not w_in.dtype.is_floating_point
+    ids = ids_in.reshape(n, m).to(torch.int64).contiguous()
+    w = _sample_weights(w_in.detach().reshape(n, m), acc).contiguous()                  # (N, m)
+    h = None
+    if teacher_entropy is not None:
+        _checks.check_float(op, "teacher_entropy", teacher_entropy)
+        _checks.check_same_device(op, student_hidden=sh, teacher_entropy=teacher_entropy)
+        if tuple(teacher_entropy.shape) != lead:
+            raise ValueError(f"{op}: teacher_entropy must have shape {lead} (one per row), got "
+                             f"{tuple(teacher_entropy.shape)}")
+        h = teacher_entropy.detach().reshape(n).to(acc).contiguous()
+    y = _target(op, target, n, v, ignore_index, sh.device)
+    if not torch.compiler.is_compiling() and n > 0:
+        if bool(((ids < 0) | (ids >= v)).any()):
+            raise ValueError(f"{op}: teacher_sample_ids has ids outside [0, {v})")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(f"{op}: teacher_sample_weights must be finite and >= 0")
+        rows_ok = w.sum(-1) > 0
+        if y is not None:
+            rows_ok = rows_ok | (y == ignore_index)
+        if not bool(rows_ok.all()):
+            row = int((~rows_ok).nonzero()[0, 0])
+            raise ValueError(f"{op}: row {row} has no sample (its teacher_sample_weights sum to 0); every "
+                             "row that is not ignored needs at least one draw")
+        # padding (weight 0) may repeat an id; sampled ids must be distinct within a row
+        key = torch.where(w > 0, ids, -1 - torch.arange(m, device=ids.device))
+        srt = key.sort(-1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise ValueError(f"{op}: teacher_sample_ids repeats an id within a row (merge repeats into one "
+                             "entry with their summed count or weight)")
+    chunk = _chunk(op, chunk_size, n, sh.shape[1], v, sh.device)
+    name = select_backend(op, IMPLEMENTED_SAMPLED, sh.device, sh.dtype, backend, any(need), OP)
+    scale = M.mean_scale(op, y != ignore_index if y is not None else None, n, reduction, num_items, acc,
+                         sh.device)
+    loss, *_ = torch.ops.slmfast_loss.sampled_distill_fused(
+        sh, sw, sb, ids, w, h, y, scale, float(temperature), float(hard_weight), int(ignore_index),
+        normalized, chunk, need[0], need[1], need[2], name)
     return loss.to(loss_dtype(student_hidden, sh))

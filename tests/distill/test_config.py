@@ -90,6 +90,7 @@ INVALID = [
     ("student.init_from_teacher", [0, 0]), ("student.init_from_teacher", [-1]),
     ("teacher.dtype", "int8"), ("teacher.device", "gpu"), ("loss.kind", "kl"), ("loss.beta", 1.5),
     ("loss.temperature", 0.0), ("loss.alpha", -0.1), ("loss.topk", 0), ("loss.tail", "rest"),
+    ("loss.cache_kind", "dense"), ("loss.samples", 0), ("loss.sample_seed", -1),
     ("loss.chunk_size", -1), ("optim.lr", 0.0), ("optim.min_lr_ratio", 2.0), ("optim.warmup_steps", -1),
     ("optim.weight_decay", -0.1), ("optim.betas", [0.9]), ("optim.betas", [0.9, 1.0]), ("optim.eps", 0.0),
     ("optim.grad_clip", -1.0), ("optim.fused", "yes"), ("train.steps", 0), ("train.batch_size", 0),
