@@ -1,5 +1,5 @@
-"""Shared test helpers: the tolerance rule of DESIGN.md §3, backend parametrization and the
-saved-for-backward byte counter."""
+"""Shared test helpers: the tolerance rule (docs/architecture.md §5), backend parametrization and
+the saved-for-backward byte counter."""
 
 from __future__ import annotations
 

@@ -39,9 +39,6 @@ from slmfast.distill.runlog import RunLog, format_table, human, human_bytes, rea
 from slmfast.distill.step import EVAL_FIELDS, StepModule, activation_bytes, teacher_stats
 from slmfast.io import atomic_write_text
 
-# Re-exported for callers of the earlier layout.
-build_optimizer = S.build_optimizer
-
 
 @dataclass
 class RunResult:

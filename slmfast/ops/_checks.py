@@ -2,8 +2,8 @@
 
 Every check raises ValueError with a message that names the op, the argument, what was expected
 and what was given, before any backend runs, so that all four backends refuse the same inputs
-with the same words (DESIGN.md §2). The C++ ops check again (csrc/common/checks.h) because they
-can also be called directly through torch.ops.slmfast.
+with the same words (docs/architecture.md §3). The C++ ops check again (csrc/common/checks.h)
+because they can also be called directly through torch.ops.slmfast.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The issue's target: a Llama-style block (norm -> qkv -> RoPE -> attention -> o -> residual ->
 norm -> SwiGLU MLP) built from slmfast's pieces saves at least 30% fewer bytes for backward than
 the same block in plain PyTorch (Hugging Face modules + F.scaled_dot_product_attention), with the
-same outputs and gradients (DESIGN.md's tolerance rule against the plain block in float64).
+same outputs and gradients (the tolerance rule of docs/architecture.md §5, against the plain block
+in float64).
 
 Both blocks use SDPA for the attention itself (slmfast's attention op is tested on its own); the
 difference is what the layers around it keep: the plain block stores each norm's input, its

@@ -1,10 +1,10 @@
-"""attention on every available backend against the float64 reference (DESIGN.md §3).
+"""attention on every available backend against the float64 reference (docs/architecture.md §5).
 
 Dense and packed layouts, causal (bottom-right) and sliding-window masks, GQA/MQA, T != S, T = 1,
 odd lengths, fully masked rows, all input gradients; gradcheck (fp64, cpu), determinism, opcheck,
 torch.compile, bad input, and slmfast's scaled_dot_product_attention against torch's. The Triton
-backend runs under the interpreter here (slow, and bf16 tl.dot is wrong there, DESIGN.md §3), so
-it gets a smaller parametrization in fp32 and fp16.
+backend runs under the interpreter here (slow, and bf16 tl.dot is wrong there, docs/architecture.md
+§5), so it gets a smaller parametrization in fp32 and fp16.
 """
 
 import math

@@ -5,8 +5,8 @@ torch.ops.slmfast.attention_fwd / attention_bwd directly, so that it does not de
 Python wrapper's dispatch. Each case is compared with a masked softmax-attention reference in
 plain PyTorch written here from the contract (csrc/common/params.h, AttentionParams): run in
 float64 it is the oracle, run in the input dtype it is the baseline of tests.helpers.assert_close
-(err(ours) <= 2 x err(baseline) + a tiny floor, DESIGN.md §3). Outputs, lse and all three input
-gradients are compared; rows that see no key must give out 0, lse -inf and zero gradients.
+(err(ours) <= 2 x err(baseline) + a tiny floor, docs/architecture.md §5). Outputs, lse and all three
+input gradients are compared; rows that see no key must give out 0, lse -inf and zero gradients.
 """
 
 from __future__ import annotations

@@ -4,12 +4,13 @@ The reference below is plain PyTorch written for this file: scores in the dtype 
 the contract's mask (bottom-right aligned causality, window (left, right), documents of a packed
 batch attend only inside themselves), softmax, and rows that see no key give 0 and lse -inf.
 Run in float64 it is the oracle; run in the input dtype it is the "torch in the same dtype"
-baseline of the tolerance rule (tests.helpers.assert_close, DESIGN.md §3). Forward out and lse
-and all three input gradients are compared.
+baseline of the tolerance rule (tests.helpers.assert_close, docs/architecture.md §5). Forward out
+and lse and all three input gradients are compared.
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors: float32 and float16 only
-(bf16 tl.dot is wrong in the interpreter, DESIGN.md §3) and small shapes. Tests marked `gpu`
-(run by benchmarks/gpu_check.sh through `pytest -m gpu`) take realistic shapes in bf16/fp16/fp32.
+(bf16 tl.dot is wrong in the interpreter, docs/architecture.md §5) and small shapes. Tests marked
+`gpu` (run by benchmarks/gpu_check.sh through `pytest -m gpu`) take realistic shapes in
+bf16/fp16/fp32.
 """
 
 from __future__ import annotations

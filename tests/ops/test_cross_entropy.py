@@ -1,4 +1,5 @@
-"""cross_entropy on every available backend against the float64 reference (DESIGN.md §3)."""
+"""cross_entropy on every available backend against the float64 reference (docs/architecture.md
+§5)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""layer_norm on every available backend against the float64 reference (DESIGN.md §3)."""
+"""layer_norm on every available backend against the float64 reference (docs/architecture.md §5)."""
 
 import pytest
 import torch
