@@ -94,6 +94,61 @@ def glu_derivative_terms(gate: torch.Tensor, activation: str) -> torch.Tensor:
     return 1 + x
 
 
+# ---- attention: the oracle ---------------------------------------------------------------------
+
+def attention_oracle(q, k, v, *, causal=False, window=None, scale=None, cu_seqlens=None, cu_seqlens_k=None,
+                     max_seqlen=None, max_seqlen_k=None):
+    """(out, lse) of the attention contract (slmfast/ops/attention.py), written here apart from
+    the op's own reference so that the `torch` backend is compared with something other than
+    itself; the one attention oracle of the test suite.
+
+    Dense q (B, Hq, T, D), k/v (B, Hkv, S, D), or packed q (Nq, Hq, D), k/v (Nk, Hkv, D) with
+    cu_seqlens (and cu_seqlens_k; a tensor or a list). Scores in the dtype of the inputs, softmax
+    and lse in float32 (float64 for float64 inputs), probabilities rounded to the inputs' dtype for
+    the product with v. Run on float64 copies it is the oracle; run in the inputs' dtype it is the
+    "torch in the same dtype" baseline of assert_close. A query that sees no key gets out 0,
+    lse -inf and zero gradients."""
+    del max_seqlen, max_seqlen_k
+    left, right = (-1, -1) if window is None else window
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is None:
+        return _attention_oracle_dense(q, k, v, causal, left, right, scale)
+    starts_q = [int(x) for x in cu_seqlens]
+    starts_k = starts_q if cu_seqlens_k is None else [int(x) for x in cu_seqlens_k]
+    outs, lses = [], []
+    for doc in range(len(starts_q) - 1):
+        rows_q = slice(starts_q[doc], starts_q[doc + 1])
+        rows_k = slice(starts_k[doc], starts_k[doc + 1])
+        out, lse = _attention_oracle_dense(q[rows_q].transpose(0, 1)[None], k[rows_k].transpose(0, 1)[None],
+                                           v[rows_k].transpose(0, 1)[None], causal, left, right, scale)
+        outs.append(out[0].transpose(0, 1))  # (T_doc, Hq, D)
+        lses.append(lse[0].transpose(0, 1))  # (T_doc, Hq)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _attention_oracle_dense(q, k, v, causal, left, right, scale):
+    queries, keys = q.shape[2], k.shape[2]
+    kv_head = torch.arange(q.shape[1], device=q.device) // (q.shape[1] // k.shape[1])  # query head -> kv head
+    k, v = k.index_select(1, kv_head), v.index_select(1, kv_head)  # (B, Hq, S, D)
+    # distance of key j right of query i's diagonal, the diagonal at j = i + (S - T)
+    distance = (torch.arange(keys, device=q.device)[None, :] - torch.arange(queries, device=q.device)[:, None]
+                - (keys - queries))  # (T, S)
+    visible = torch.ones(queries, keys, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= distance <= 0
+    if left >= 0:
+        visible &= distance >= -left
+    if right >= 0:
+        visible &= distance <= right
+    sees_a_key = visible.any(-1, keepdim=True)  # (T, 1)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q @ k.transpose(-1, -2) * scale).to(acc).masked_fill(~visible, float("-inf"))  # (B, Hq, T, S)
+    scores = torch.where(sees_a_key, scores, torch.zeros_like(scores))  # finite where nothing is seen
+    probs = torch.softmax(scores, dim=-1) * sees_a_key
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(~sees_a_key[:, 0], float("-inf"))  # (B, Hq, T)
+    return probs.to(q.dtype) @ v, lse
+
+
 # ---- attention: the second baseline and the floor of its gradients --------------------------
 
 def flash_attention_grads(q, k, v, grad_out, causal=False, window=None, scale=None, cu_seqlens=None,
