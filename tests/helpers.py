@@ -1,5 +1,5 @@
-"""Shared test helpers: the tolerance rule (docs/architecture.md §5), backend parametrization and
-the saved-for-backward byte counter."""
+"""Shared test helpers: the tolerance rule (docs/architecture.md §5), backend parametrization, the
+attention oracle, and the saved-for-backward byte counter (slmfast.recompute.measure's)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from slmfast import backends
 from slmfast.ops.attention import visible_mask
+from slmfast.recompute.measure import saved_tensor_bytes  # noqa: F401 (the tests' saved-bytes count)
 
 
 def max_abs_err(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -292,25 +293,6 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def saved_tensor_bytes(fn, *args, **kwargs) -> tuple[int, object]:
-    """Bytes of the distinct storages autograd saves for backward while running fn(*args).
-
-    Counts each storage once (a tensor saved twice, or saved and also a view of another, is one
-    allocation) and excludes nothing: inputs, parameters and outputs saved for backward count,
-    exactly as they are held alive by the graph.
-    """
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args, **kwargs)
-    return sum(storages.values()), out
-
-
 def value_and_grads(fn, *inputs, grad_output: torch.Tensor | None = None):
     """fn(*leaves) and the gradients of (output . grad_output) (of the output itself when it is a
     scalar) w.r.t. every floating input that is not None, each leaf a fresh copy of its input."""
@@ -321,20 +303,3 @@ def value_and_grads(fn, *inputs, grad_output: torch.Tensor | None = None):
     wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(weighted.sum(), wanted)
     return out.detach(), list(grads)
-
-
-def saved_activation_bytes(fn, *args, params=(), **kwargs) -> tuple[int, object]:
-    """saved_tensor_bytes without the storages of `params` (a module's parameters, which the model
-    holds whether or not autograd saves them): the activation memory a layer costs for backward."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args, **kwargs)
-    return sum(storages.values()), out

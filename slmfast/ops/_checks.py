@@ -62,9 +62,3 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple[int, ...], 
     if tuple(t.shape) != tuple(expected):
         reason = f" ({why})" if why else ""
         raise ValueError(f"{op}: {name} must have shape {tuple(expected)}{reason}, got {tuple(t.shape)}")
-
-
-def check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous, got shape {tuple(t.shape)} with strides "
-                         f"{t.stride()}")
