@@ -216,5 +216,6 @@ def test_activation_bytes_see_the_recompute_policy(tmp_path):
     for policy in ("none", "full"):
         config = tiny_config(tmp_path / policy, tmp_path / "data")
         config.train.steps, config.train.eval_every, config.train.recompute = 1, 0, policy
-        counted[policy] = train(config, "pretrain", log=lambda _: None, measure_activations=True).activation_bytes
+        result = train(config, "pretrain", log=lambda _: None, measure_activations=True)
+        counted[policy] = result.activation_bytes
     assert 0 < counted["full"] < counted["none"]

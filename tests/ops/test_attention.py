@@ -274,17 +274,21 @@ def test_fp64_cpu_is_exact(causal, window, capability):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(4, 4, 2, 96, 96, 64), (1, 4, 1, 150, 150, 64)], ids=["grouped", "split"])
-def test_backward_is_deterministic(backend, shape):
-    """Two backward runs give the same bits (the two shapes take the cpu backward's two schedules)."""
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_is_deterministic(backend, shape, deterministic):
+    """The guarantee of `deterministic=` (documented in attention's docstring): two backward runs
+    give the same bits on every backend, whichever value is passed (the two shapes take the cpu
+    backward's two schedules)."""
     if backend == "triton" and INTERPRETED:
         shape = (1, 2, 1, 24, 24, 32)
     B, Hq, Hkv, T, S, D = shape
     dtype = torch.float16 if backend == "triton" and INTERPRETED else torch.bfloat16
     q, k, v = _dense_inputs((B, Hq, Hkv, T, S, D, True, None), dtype, device_for(backend))
     grad_out = torch.randn(q.shape, dtype=torch.float64, device=q.device)
-    fn = lambda *t: attention(*t, causal=True, return_lse=True, backend=backend)  # noqa: E731
+    fn = lambda *t: attention(*t, causal=True, return_lse=True, deterministic=deterministic,  # noqa: E731
+                              backend=backend)
     first = _grads(fn, q, k, v, grad_out)
     second = _grads(fn, q, k, v, grad_out)
     for a, b in zip(first, second):
