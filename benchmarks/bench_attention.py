@@ -1,15 +1,15 @@
 """Fused attention benchmark: slmfast against torch SDPA and eager attention, causal, fwd and fwd+bwd.
 
-Baselines, in the same process on the same inputs (DESIGN.md §4):
+Baselines, in the same process on the same inputs (docs/architecture.md §6):
   sdpa    torch.nn.functional.scaled_dot_product_attention (on the CPU: its flash kernel)
   eager   the Hugging Face eager computation: q k^T * scale + mask, softmax in float32, cast, @ v
 On the GPU (--device cuda) also SDPA with each backend (flash, efficient, cudnn, forced through
 torch.nn.attention.sdpa_kernel) and FlexAttention with a causal document mask.
 Shapes (B, H, T, D) = (4, 8, 1024, 64) and (1, 16, 4096, 64), bf16 and fp32, plus a packed batch:
 8 documents of 256 tokens in T = 2048 (H = 8, D = 64), slmfast's packed layout against SDPA with
-the equivalent block-diagonal causal boolean mask. FLOPs (DESIGN.md §4): 4*B*H*T*S*D forward,
-half when causal, 2.5x that for backward; for the packed case the FLOPs of the documents only.
-Ratios are slmfast / baseline time: < 1 is faster.
+the equivalent block-diagonal causal boolean mask. FLOPs (docs/architecture.md §6): 4*B*H*T*S*D
+forward, half when causal, 2.5x that for backward; for the packed case the FLOPs of the documents
+only. Ratios are slmfast / baseline time: < 1 is faster.
 
     python benchmarks/bench_attention.py --table [--device cuda] [--quick]
     pytest benchmarks/bench_attention.py --benchmark-only

@@ -2,11 +2,11 @@
 
 Times the launchers themselves (no autograd wrapper) against F.scaled_dot_product_attention with
 each of its GPU backends (flash, efficient, cuDNN), in one process on the same inputs: forward
-and forward+backward, TFLOP/s by DESIGN.md §4's count (4*B*H*T*S*D forward, half when causal;
-the backward 2.5x that) and the ratio ours / baseline time (< 1: ours is faster). The target of
-issue 3, on an H100 at (B, H, T, D) = (4, 16, 4096, 128) bf16 non-causal: forward ratio against
-flash <= 1.0, forward+backward <= 1.11 (>= 0.9x its speed). Also prints max |ours - flash| of the
-output and gradients as a sanity check, and the configs the autotuner chose.
+and forward+backward, TFLOP/s by the count of docs/architecture.md §6 (4*B*H*T*S*D forward, half
+when causal; the backward 2.5x that) and the ratio ours / baseline time (< 1: ours is faster). The
+target of issue 3, on an H100 at (B, H, T, D) = (4, 16, 4096, 128) bf16 non-causal: forward ratio
+against flash <= 1.0, forward+backward <= 1.11 (>= 0.9x its speed). Also prints max |ours - flash|
+of the output and gradients as a sanity check, and the configs the autotuner chose.
 
 --precompile compiles every autotune config in parallel processes first (one per config and mask
 kind; it fills Triton's disk cache, so that the tuning in the main process only times).

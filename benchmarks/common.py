@@ -1,6 +1,6 @@
 """Shared benchmark helpers: wall-clock timing, the environment line, and table printing.
 
-Timing follows DESIGN.md §4: every figure is measured against named baselines in the same
+Timing follows docs/architecture.md §6: every figure is measured against named baselines in the same
 process on the same inputs and reported as a ratio next to the absolute numbers. On a GPU the
 timer synchronizes before reading the clock.
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu_check.sh — the one prepared script for a GPU machine (DESIGN.md §5).
+# gpu_check.sh — the one prepared script for a GPU machine (docs/architecture.md §6).
 #
 # One call runs these steps in order, each under its own time limit, everything they print
 # appended to $OUT/log.txt (stdout gets one line per step and the summary at the end):

@@ -1,7 +1,8 @@
 """Interleaved timing for the fused-layer benchmarks (bench_rms_norm, bench_layer_norm,
 bench_swiglu, bench_rotary): the implementations under comparison run in turns, rep after rep,
 so that load from other processes on a shared machine hits them alike; each figure is the median
-of its reps. Also the bytes-saved-for-backward counter and the row formatting the four share.
+of its reps. Also the saved-for-backward bytes of each (slmfast.recompute.measure) and the row
+formatting the four share.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 import torch
 
 from benchmarks.common import print_table, sync
+from slmfast.recompute.measure import saved_tensor_bytes
 
 
 def time_interleaved(fns: dict, device="cpu", warmup: int = 2, reps: int = 15, min_time: float = 0.0) -> dict:
@@ -67,7 +69,7 @@ def measure_passes(impls: dict, args: tuple, grads, device="cpu", reps: int = 15
                        ("fwd+bwd", lambda n: forward_backward(impls[n]))):
         for name, t in time_interleaved({n: make(n) for n in impls}, device, reps=reps).items():
             times[name][mode] = t
-    saved = {name: saved_bytes(fn, *args) for name, fn in impls.items()}
+    saved = {name: saved_tensor_bytes(fn, *args)[0] for name, fn in impls.items()}
     return times, saved
 
 
@@ -78,19 +80,6 @@ def copy_bandwidth(device="cpu", nbytes: int = 256 * 2**20) -> float:
     dst = torch.empty_like(src)
     seconds = time_interleaved({"copy": lambda: dst.copy_(src)}, device, reps=10)["copy"]
     return 2 * nbytes / seconds
-
-
-def saved_bytes(fn, *args) -> int:
-    """Bytes of the distinct storages autograd saves while running fn(*args)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return sum(storages.values())
 
 
 def ratio_rows(label: dict, times: dict, need_bytes: dict | None = None) -> list[dict]:

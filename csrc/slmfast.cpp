@@ -7,7 +7,7 @@
 //    slmfast/ops/<op>.py, as in PyTorch's "custom C++ and CUDA operators" tutorial.
 //  * PYBIND11_MODULE(_C, m): build_info(), what this binary was compiled with. This is the only
 //    file that includes <torch/extension.h> (pybind11), because that header alone takes ~30 s
-//    to compile (DESIGN.md §5).
+//    to compile (docs/architecture.md §1).
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>

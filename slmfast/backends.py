@@ -1,6 +1,6 @@
 """Which kernel backends exist on this machine, and which one runs a given call.
 
-Four backends implement every op with one meaning (DESIGN.md §2):
+Four backends implement every op with one meaning (docs/architecture.md §3, §4):
   cuda    hand-written CUDA kernels in slmfast._C (built when torch has CUDA and nvcc was found)
   triton  Triton kernels in slmfast/triton/ (on a GPU, or on the CPU under TRITON_INTERPRET=1)
   cpu     C++ kernels in slmfast._C (at::parallel_for + at::vec)

@@ -1,5 +1,5 @@
-"""Shared test helpers: the tolerance rule of DESIGN.md §3, backend parametrization and the
-saved-for-backward byte counter."""
+"""Shared test helpers: the tolerance rule (docs/architecture.md §5), backend parametrization, the
+attention oracle, and the saved-for-backward byte counter (slmfast.recompute.measure's)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from slmfast import backends
 from slmfast.ops.attention import visible_mask
+from slmfast.recompute.measure import saved_tensor_bytes  # noqa: F401 (the tests' saved-bytes count)
 
 
 def max_abs_err(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -92,6 +93,61 @@ def glu_derivative_terms(gate: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "gelu_tanh":
         return 1 + x * 0.7978845608028654 * (1 + 3 * 0.044715 * x * x)
     return 1 + x
+
+
+# ---- attention: the oracle ---------------------------------------------------------------------
+
+def attention_oracle(q, k, v, *, causal=False, window=None, scale=None, cu_seqlens=None, cu_seqlens_k=None,
+                     max_seqlen=None, max_seqlen_k=None):
+    """(out, lse) of the attention contract (slmfast/ops/attention.py), written here apart from
+    the op's own reference so that the `torch` backend is compared with something other than
+    itself; the one attention oracle of the test suite.
+
+    Dense q (B, Hq, T, D), k/v (B, Hkv, S, D), or packed q (Nq, Hq, D), k/v (Nk, Hkv, D) with
+    cu_seqlens (and cu_seqlens_k; a tensor or a list). Scores in the dtype of the inputs, softmax
+    and lse in float32 (float64 for float64 inputs), probabilities rounded to the inputs' dtype for
+    the product with v. Run on float64 copies it is the oracle; run in the inputs' dtype it is the
+    "torch in the same dtype" baseline of assert_close. A query that sees no key gets out 0,
+    lse -inf and zero gradients."""
+    del max_seqlen, max_seqlen_k
+    left, right = (-1, -1) if window is None else window
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is None:
+        return _attention_oracle_dense(q, k, v, causal, left, right, scale)
+    starts_q = [int(x) for x in cu_seqlens]
+    starts_k = starts_q if cu_seqlens_k is None else [int(x) for x in cu_seqlens_k]
+    outs, lses = [], []
+    for doc in range(len(starts_q) - 1):
+        rows_q = slice(starts_q[doc], starts_q[doc + 1])
+        rows_k = slice(starts_k[doc], starts_k[doc + 1])
+        out, lse = _attention_oracle_dense(q[rows_q].transpose(0, 1)[None], k[rows_k].transpose(0, 1)[None],
+                                           v[rows_k].transpose(0, 1)[None], causal, left, right, scale)
+        outs.append(out[0].transpose(0, 1))  # (T_doc, Hq, D)
+        lses.append(lse[0].transpose(0, 1))  # (T_doc, Hq)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _attention_oracle_dense(q, k, v, causal, left, right, scale):
+    queries, keys = q.shape[2], k.shape[2]
+    kv_head = torch.arange(q.shape[1], device=q.device) // (q.shape[1] // k.shape[1])  # query head -> kv head
+    k, v = k.index_select(1, kv_head), v.index_select(1, kv_head)  # (B, Hq, S, D)
+    # distance of key j right of query i's diagonal, the diagonal at j = i + (S - T)
+    distance = (torch.arange(keys, device=q.device)[None, :] - torch.arange(queries, device=q.device)[:, None]
+                - (keys - queries))  # (T, S)
+    visible = torch.ones(queries, keys, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= distance <= 0
+    if left >= 0:
+        visible &= distance >= -left
+    if right >= 0:
+        visible &= distance <= right
+    sees_a_key = visible.any(-1, keepdim=True)  # (T, 1)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q @ k.transpose(-1, -2) * scale).to(acc).masked_fill(~visible, float("-inf"))  # (B, Hq, T, S)
+    scores = torch.where(sees_a_key, scores, torch.zeros_like(scores))  # finite where nothing is seen
+    probs = torch.softmax(scores, dim=-1) * sees_a_key
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(~sees_a_key[:, 0], float("-inf"))  # (B, Hq, T)
+    return probs.to(q.dtype) @ v, lse
 
 
 # ---- attention: the second baseline and the floor of its gradients --------------------------
@@ -237,25 +293,6 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def saved_tensor_bytes(fn, *args, **kwargs) -> tuple[int, object]:
-    """Bytes of the distinct storages autograd saves for backward while running fn(*args).
-
-    Counts each storage once (a tensor saved twice, or saved and also a view of another, is one
-    allocation) and excludes nothing: inputs, parameters and outputs saved for backward count,
-    exactly as they are held alive by the graph.
-    """
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args, **kwargs)
-    return sum(storages.values()), out
-
-
 def value_and_grads(fn, *inputs, grad_output: torch.Tensor | None = None):
     """fn(*leaves) and the gradients of (output . grad_output) (of the output itself when it is a
     scalar) w.r.t. every floating input that is not None, each leaf a fresh copy of its input."""
@@ -266,20 +303,3 @@ def value_and_grads(fn, *inputs, grad_output: torch.Tensor | None = None):
     wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(weighted.sum(), wanted)
     return out.detach(), list(grads)
-
-
-def saved_activation_bytes(fn, *args, params=(), **kwargs) -> tuple[int, object]:
-    """saved_tensor_bytes without the storages of `params` (a module's parameters, which the model
-    holds whether or not autograd saves them): the activation memory a layer costs for backward."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args, **kwargs)
-    return sum(storages.values()), out

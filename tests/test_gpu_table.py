@@ -2,7 +2,7 @@
 
 Runs on the CPU: the choice for CUDA calls needs only a torch.device("cuda") object (no GPU), with
 the card's compute capability faked; the native paths (SDPA, F.rms_norm, F.layer_norm) are called
-directly on CPU tensors and compared with the fp64 references (DESIGN.md §3).
+directly on CPU tensors and compared with the fp64 references (docs/architecture.md §5).
 """
 
 import json

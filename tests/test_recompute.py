@@ -92,7 +92,7 @@ def test_apply_remove_round_trip_leaves_model_unchanged():
     assert model.config.use_cache
     rc.apply(model, "selective")
     assert rc.policies_of(model) == ["selective"] * 4
-    assert model.config.use_cache is False  # the KV cache breaks recomputation (DESIGN.md §6)
+    assert model.config.use_cache is False  # the KV cache breaks recomputation (see policies.py)
     rc.remove(model)
     assert rc.policies_of(model) == ["none"] * 4
     assert model.config.use_cache is True

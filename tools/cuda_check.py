@@ -1,8 +1,8 @@
 """Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a and print the ptxas report.
 
 This is `make cuda-check`: on machines without a GPU (and without a CUDA build of torch) it is
-how the CUDA kernels are kept compiling (DESIGN.md §5). The .cu files include only CUDA headers
-and csrc/common/*.h, so no torch headers are needed. The flags match what torch's
+how the CUDA kernels are kept compiling (docs/architecture.md §4.3). The .cu files include only CUDA
+headers and csrc/common/*.h, so no torch headers are needed. The flags match what torch's
 BuildExtension passes to nvcc in setup.py (the __CUDA_NO_HALF_* defines included).
 
 Prints one row per kernel and arch: registers, spill bytes, shared memory. Exits non-zero when

@@ -3,7 +3,7 @@
 // Each macro names the argument it checks and says what was expected and what it got, so that a
 // bad call from Python reads like "rms_norm: weight must have shape (1000,), got (999,)".
 // Modelled on flash-attention's CHECK_SHAPE / CHECK_DEVICE macros. Included by .cpp files only:
-// .cu files must not see ATen (see DESIGN.md §5).
+// .cu files must not see ATen (docs/architecture.md §4.3).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -2,8 +2,9 @@
 //
 // Only pointers, sizes, strides and scalars: no ATen, no CUDA types, so this header is included
 // by the CPU ops, by the CUDA bindings (which fill the structs from tensors) and by the .cu files
-// (which nvcc compiles without torch headers, DESIGN.md §5). This follows flash-attention's
-// Flash_fwd_params: one struct per op is the whole interface between host code and a kernel.
+// (which nvcc compiles without torch headers, docs/architecture.md §4.3). This follows
+// flash-attention's Flash_fwd_params: one struct per op is the whole interface between host code
+// and a kernel.
 #pragma once
 
 #include <cstdint>
@@ -149,12 +150,9 @@ struct RotaryParams {
 //   packed  q (Nq, Hq, D), k/v (Nk, Hkv, D), out like q, lse (Nq, Hq); cu_seqlens_q/k int32
 //           (batch + 1,) give each document's rows; batch = number of documents
 // Strides are in elements; the last dimension (D) is contiguous. For the packed layout the
-// batch strides are 0 and a row's offset comes from cu_seqlens. Masks (per document, with
-// T = that document's query length and S its key length, offset = S - T, bottom-right aligned):
-//   key j is visible to query i iff  (!causal || j <= i + offset)
-//                                 && (window_left  < 0 || j >= i + offset - window_left)
-//                                 && (window_right < 0 || j <= i + offset + window_right)
-// A query row with no visible key gets out = 0 and lse = -inf.
+// batch strides are 0 and a row's offset comes from cu_seqlens. causal, window_left and
+// window_right are the mask of the op's contract (slmfast/ops/attention.py), applied per document;
+// a query row with no visible key gets out = 0 and lse = -inf.
 struct AttentionParams {
   const void* q;
   const void* k;

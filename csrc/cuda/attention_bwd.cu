@@ -23,15 +23,7 @@
 // 3.62 (0.76), causal 2.73 vs 2.17 (0.80). The 0.9 target is not reached: 7 products instead of
 // 5 cost 1.4x by themselves; a deterministic=False path with an atomic dQ (flash-attention's)
 // would remove the 2 extra ones.
-// ptxas (nvcc 13.0, `make cuda-check`), registers unmasked/masked, bf16 and fp16 alike, 0 spill
-// bytes in every instantiation:
-//   dK/dV, 8 warps = 128 keys; 64 queries per step (D <= 64), 32 (D = 96, 128):
-//     D=32 sm_80 168/172 sm_90a 168/170   D=64 sm_80 215/217 sm_90a 216/218
-//     D=96 sm_80 218/220 sm_90a 226/228   D=128 sm_80 246/244 sm_90a 252/254
-//   dQ, 8 warps = 128 queries, 64 keys per step (Q, dO fragments in registers up to D = 64):
-//     D=32 sm_80 150/152 sm_90a 150/152   D=64 sm_80 206/208 sm_90a 210/212
-//     D=96 sm_80 212/215 sm_90a 218/220   D=128 sm_80 237/239 sm_90a 241/243
-//   delta: 22 registers
+// Registers per tile (no tile spills): benchmarks/RESULTS.md, from `make cuda-check`.
 #include <stdexcept>
 #include <string>
 

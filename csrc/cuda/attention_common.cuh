@@ -3,7 +3,7 @@
 // sequence bounds of the packed layout and the mask of the contract (csrc/common/params.h).
 //
 // Based on FlashAttention-2 (Dao 2023, arXiv:2307.08691) and the PTX ISA's description of
-// mma.sync.m16n8k16, ldmatrix and cp.async (sm_80+). CUDA headers only (DESIGN.md §5).
+// mma.sync.m16n8k16, ldmatrix and cp.async (sm_80+). CUDA headers only (docs/architecture.md §4.3).
 //
 // Fragment layouts of mma.sync.aligned.m16n8k16 (bf16/fp16 in, fp32 accumulate), for lane l,
 // g = l / 4 and t = l % 4:
@@ -302,7 +302,8 @@ __device__ __forceinline__ SeqInfo seq_info(const AttentionParams& p, int b) {
   return s;
 }
 
-// The contract's mask as a band of diagonals: key j is visible to query i iff
+// The contract's mask (slmfast/ops/attention.py) as a band of diagonals: key j is visible to
+// query i iff
 //   dmin <= j - i <= dmax  and  0 <= j < S,   with offset = S - T (bottom-right aligned),
 //   dmin = offset - window_left            (window_left >= 0, else -inf)
 //   dmax = min(offset [causal], offset + window_right [window_right >= 0])   (else +inf)

@@ -29,13 +29,7 @@
 // 291 TFLOP/s (1.89 ms) with 4 warps x 2 m-tiles x 32 keys, but ptxas spills 48-84 bytes there
 // (128 fp32 accumulator registers of O per thread), so it is not the default; closing the gap
 // needs that tile without spills, or wgmma (sm_90a) in place of mma.sync.
-// ptxas (nvcc 13.0, `make cuda-check`), registers unmasked/masked, bf16 and fp16 alike, 0 spill
-// bytes in every instantiation:
-//   D=32  4 warps x 2 m-tiles, 64 keys, Q in registers:     sm_80 203/208   sm_90a 208/213
-//   D=64  4 warps x 2 m-tiles, 64 keys, Q in shared memory: sm_80 239/241   sm_90a 239/241
-//   D=96  4 warps x 2 m-tiles, 32 keys, Q in shared memory: sm_80 232/234   sm_90a 230/232
-//   D=128 8 warps x 1 m-tile,  64 keys, Q in registers:     sm_80 226/228   sm_90a 231/233
-//   D=256 8 warps x 1 m-tile,  32 keys, Q in shared memory: sm_80 244/246   sm_90a 248/246
+// Registers per tile (no tile spills): benchmarks/RESULTS.md, from `make cuda-check`.
 #include <stdexcept>
 #include <string>
 

@@ -12,8 +12,7 @@
 //
 // Bounds (H100, ~3.0 TB/s): forward reads the row once, the fused path reads it twice and writes
 // it once: 3 x rows x V x sizeof(T) bytes, memory-bound.
-// ptxas (sm_90a, -O3, `make cuda-check`): 24-32 registers for fp32/fp16/bf16 (39 with 8-wide bf16
-// packs), 40-60 for fp64, no spills.
+// Registers and spills: `make cuda-check`; recorded figures in benchmarks/RESULTS.md.
 #include <cmath>
 #include <stdexcept>
 #include <string>

@@ -9,8 +9,7 @@
 //
 // Bounds (H100: ~3.0 TB/s copy bandwidth): forward moves 2 x (rows x cols) elements (3 with a
 // residual, 4 writing h), backward 3 (4 with dh); both are memory-bound, the floor is bytes / 3.0 TB/s.
-// ptxas (nvcc 13.0, `make cuda-check`, 2026-11-26): 24-40 registers over the 56 instantiations
-// (fp32/fp16/bf16/fp64, with and without residual), sm_80 and sm_90a alike, no spills.
+// Registers and spills: `make cuda-check`; recorded figures in benchmarks/RESULTS.md.
 #include <initializer_list>
 #include <stdexcept>
 #include <string>

@@ -9,8 +9,7 @@
 // Bounds (H100: ~3.0 TB/s copy bandwidth): forward moves 3 elements per output (bf16: 6 bytes),
 // backward 5 (6 with recompute); both memory-bound, the floor is bytes / 3.0 TB/s, e.g. 8192 x
 // 4096 bf16: forward 201 MB -> 67 us, backward 336 MB -> 112 us.
-// ptxas (sm_90a, -O3, `make cuda-check`, 2026-11-26): bf16/fp16 16-byte-pack kernels 36-46
-// registers, fp32 42-51, scalar (unaligned) 18-32; no spills.
+// Registers and spills: `make cuda-check`; recorded figures in benchmarks/RESULTS.md.
 #include <algorithm>
 #include <stdexcept>
 #include <string>

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slmfast import recompute
 from slmfast.distill import distributed as D
 from slmfast.distill.config import ConfigError, DistillConfig
 from slmfast.distill.data import TokenData, Windows, WindowSampler, prepare_data
@@ -115,16 +116,9 @@ def build_student(config: DistillConfig, vocab_size: int, teacher, resume: dict 
 
 
 def apply_recompute(student, policy: str) -> None:
-    if policy == "none":
-        return
-    import importlib
-
-    try:
-        recompute = importlib.import_module("slmfast.recompute")
-    except ImportError:
-        raise ConfigError(f"train.recompute = {policy!r} needs slmfast.recompute, which is not in this "
-                          "build yet; use train.recompute = \"none\"") from None
-    recompute.apply(student, policy)
+    """The policy of train.recompute on the student's blocks (slmfast/recompute/policies.py)."""
+    if policy != "none":
+        recompute.apply(student, policy)
 
 
 def build_optimizer(model: torch.nn.Module, config: DistillConfig, log=print) -> torch.optim.Optimizer:

@@ -116,20 +116,3 @@ def teacher_stats(hidden, weight, bias, targets, vocab: int, chunk: int = 1024) 
         ce += float(-logp[valid].gather(1, t[valid][:, None]).sum())
         top1.append(logp.argmax(-1))
     return ce, torch.cat(top1)
-
-
-def activation_bytes(fn, exclude: list[torch.Tensor]) -> tuple[int, object]:
-    """Bytes of the distinct storages autograd saves for backward while running fn(), not counting
-    the storages of `exclude` (the parameters, which exist whether or not anything is saved)."""
-    skip = {p.untyped_storage().data_ptr() for p in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out

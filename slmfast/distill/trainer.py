@@ -36,11 +36,8 @@ from slmfast.distill import setup as S
 from slmfast.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from slmfast.distill.config import ConfigError, DistillConfig
 from slmfast.distill.runlog import RunLog, format_table, human, human_bytes, read_log
-from slmfast.distill.step import EVAL_FIELDS, StepModule, activation_bytes, teacher_stats
+from slmfast.distill.step import EVAL_FIELDS, StepModule, teacher_stats
 from slmfast.io import atomic_write_text
-
-# Re-exported for callers of the earlier layout.
-build_optimizer = S.build_optimizer
 
 
 @dataclass
@@ -407,18 +404,20 @@ class _Run:
         return result
 
     def measure_activation_bytes(self) -> int:
-        """Bytes autograd saves for backward for one micro-batch (parameters excluded)."""
+        """Bytes the autograd graph of one micro-batch holds for backward (parameters and inputs
+        excluded), counted by slmfast.recompute.measure.activation_bytes, which also sees what a
+        recompute policy (train.recompute) keeps outside autograd's saved-tensor hooks."""
         from slmfast.models.llama import shift_labels
+        from slmfast.recompute.measure import activation_bytes
 
         batch = next(self.micro_batches(self.step)).to(self.env.device)
-        targets = shift_labels(batch.input_ids, batch.cu_seqlens)
-        kw = self.teacher_inputs(batch)
+        inputs = dict(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+                      targets=shift_labels(batch.input_ids, batch.cu_seqlens), num_items=batch.num_targets,
+                      **self.teacher_inputs(batch))
         with self.autocast():
-            nbytes, loss = activation_bytes(
-                lambda: self.step_module(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, targets,
-                                         batch.num_targets, **kw), list(self.student.parameters()))
-        del loss
-        return nbytes
+            counted = activation_bytes(self.step_module, list(self.student.model.layers), inputs,
+                                       loss_fn=lambda loss: loss)
+        return counted.total
 
 
 def summary_table(result: RunResult, mode: str) -> str:
@@ -444,12 +443,11 @@ def summary_table(result: RunResult, mode: str) -> str:
 
 
 class Trainer:
-    """A thin object around `train`: Trainer(config).fit() -> RunResult."""
+    """A thin object around `train`: Trainer(config).fit() -> RunResult (train validates the config)."""
 
     def __init__(self, config: DistillConfig, mode: str = "distill"):
         self.config = config
         self.mode = mode
-        config.validate(mode)
 
     def fit(self, **kwargs) -> RunResult:
         return train(self.config, self.mode, **kwargs)

@@ -2,8 +2,8 @@
 
 Every check raises ValueError with a message that names the op, the argument, what was expected
 and what was given, before any backend runs, so that all four backends refuse the same inputs
-with the same words (DESIGN.md §2). The C++ ops check again (csrc/common/checks.h) because they
-can also be called directly through torch.ops.slmfast.
+with the same words (docs/architecture.md §3). The C++ ops check again (csrc/common/checks.h)
+because they can also be called directly through torch.ops.slmfast.
 """
 
 from __future__ import annotations
@@ -62,9 +62,3 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple[int, ...], 
     if tuple(t.shape) != tuple(expected):
         reason = f" ({why})" if why else ""
         raise ValueError(f"{op}: {name} must have shape {tuple(expected)}{reason}, got {tuple(t.shape)}")
-
-
-def check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous, got shape {tuple(t.shape)} with strides "
-                         f"{t.stride()}")

@@ -125,10 +125,6 @@ def vocab_columns(op: str, student_vocab: int, teacher_vocab: int, vocab_size: i
     return small
 
 
-def reduce_rows(rows: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
-    return rows if reduction == "none" else (rows.to(scale.dtype).sum() * scale)
-
-
 # ---- references: unfused, differentiated by autograd ----------------------------------------
 
 def cross_entropy_rows_reference(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,

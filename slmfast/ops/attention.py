@@ -425,6 +425,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     `cu_seqlens_k` / `max_seqlen_k` give the keys their own document offsets (flash-attention's
     varlen form: queries and keys of a document may differ in number, e.g. unpadded decoding);
     by default keys use cu_seqlens.
+
+    `deterministic`: the gradients are bit-identical from run to run on every backend, whatever
+    it is set to: no backend has a faster non-deterministic backward (no atomics anywhere), so
+    False is accepted for compatibility with flash-attention's signature and changes nothing.
     """
     del deterministic  # every backend's backward is deterministic (module docstring)
     device, left, right, max_seqlen, max_seqlen_k = _check(q, k, v, cu_seqlens, max_seqlen, window, scale,

@@ -9,6 +9,10 @@ saved_tensors_hooks alone cannot: checkpointing installs its own hooks and keeps
 outside them. Storages on the CPU are reported apart when the model runs on a GPU (offload).
 
 Block times come from forward hooks (synchronized on a GPU) under the policy in force.
+
+For one op or layer without checkpointing, saved_tensor_bytes counts what autograd's
+saved_tensors_hooks see: every storage saved for backward once, inputs and parameters included
+unless excluded. It is the count the op tests assert and the layer benchmarks print.
 """
 
 from __future__ import annotations
@@ -35,6 +39,26 @@ class ActivationBytes:
     @property
     def total(self) -> int:
         return sum(self.per_block) + self.outside
+
+
+def saved_tensor_bytes(fn, *args, exclude=(), **kwargs) -> tuple[int, object]:
+    """(bytes, fn(*args, **kwargs)): the bytes of the distinct storages autograd saves for backward
+    while fn runs, not counting the storages of the tensors in `exclude` (say, the parameters,
+    which exist whether or not anything is saved). A tensor saved twice, or saved together with
+    a view of it, is one storage. Under checkpointing it undercounts (checkpoint keeps its inputs
+    outside these hooks): count a whole model with activation_bytes."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    return sum(storages.values()), out
 
 
 @dataclass

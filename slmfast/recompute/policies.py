@@ -21,7 +21,9 @@ recomputing whole blocks costs ~30%. The policies:
 the state_dict are untouched) and `remove` deletes it again. RNG state is preserved by
 checkpoint (preserve_rng_state), so recomputed dropout masks match. A model whose config has
 `use_cache` (Hugging Face) gets it turned off while a policy is applied: the KV cache is state
-mutated inside the recomputed region and breaks recomputation (DESIGN.md §6).
+mutated inside the recomputed region, and torch's selective checkpointing then fails in backward
+("aten.slice.Tensor invocation ... not found in storage"), as Hugging Face's own gradient
+checkpointing avoids by the same switch.
 """
 
 from __future__ import annotations

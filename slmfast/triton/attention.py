@@ -13,14 +13,12 @@ a transposed dK/dV pass and a separate dQ pass), written for this library's cont
                   another's rows (the document comes from the grid, its rows from cu_seqlens).
            Any strides, the last dim contiguous (a non-contiguous last dim is copied first).
   GQA/MQA  query head h reads kv head h // (Hq // Hkv): index mapping, K/V never repeated.
-  masks    per document with T query and S key rows, offset = S - T (bottom-right aligned):
-           key j is visible to query i iff (!causal || j <= i + offset)
-             && (left < 0 || j >= i + offset - left) && (right < 0 || j <= i + offset + right).
-           Causality is the right edge of the same band (right = 0), so the kernels see one band
-           j - i in [offset - left, offset + right] with either side optional. The loop bounds
-           come from the band: key blocks that no row of a query block can see are never visited
-           (and the same for query blocks in the dK/dV pass); blocks that every row sees fully
-           run without mask arithmetic; only the edge blocks are masked.
+  masks    the contract's mask (causal, window, per document; stated in slmfast/ops/attention.py)
+           is a band of diagonals: with offset = S - T, causality is its right edge at 0, so the
+           kernels see one band j - i in [offset - left, offset + right], either side optional.
+           The loop bounds come from the band: key blocks that no row of a query block can see
+           are never visited (and the same for query blocks in the dK/dV pass); blocks that
+           every row sees fully run without mask arithmetic; only the edge blocks are masked.
            A row with no visible key gets out = 0 and lse = -inf; its gradients are 0. No NaN.
   dtypes   float32, bfloat16, float16; float32 accumulation and softmax statistics. Half types
            use the tensor cores and take scores in the log2 domain (log2(e) folded into the

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slmfast.distill import train
+from slmfast.distill import ConfigError, Trainer, train
 from slmfast.distill.runlog import read_log
 from tests.distill.conftest import tiny_config
 
@@ -196,3 +196,26 @@ def test_student_config_errors(tmp_path):
         student_config(StudentConfig(config="nano", num_heads=3), 384, 32)
     cfg = student_config(StudentConfig(config="nano", hidden_size=64, num_heads=4), 384, 2048)
     assert cfg.vocab_size == 384 and cfg.head_dim == 16 and cfg.max_position == 2048
+
+
+def test_trainer_fit_runs_train_with_its_validation(tmp_path):
+    """Trainer(config).fit() is train(config): the config is validated once, by train, before any
+    work (a bad value is a ConfigError naming its key, and nothing is written)."""
+    config = tiny_config(tmp_path / "run", tmp_path / "data")
+    config.train.steps = 0
+    with pytest.raises(ConfigError, match="^train.steps: "):
+        Trainer(config, "pretrain").fit()
+    assert not any(tmp_path.iterdir())
+
+
+def test_activation_bytes_see_the_recompute_policy(tmp_path):
+    """The reported activation bytes of a micro-batch come from slmfast.recompute.measure, which
+    sees what checkpointing keeps: "full" recomputation holds less than "none", and both are
+    positive."""
+    counted = {}
+    for policy in ("none", "full"):
+        config = tiny_config(tmp_path / policy, tmp_path / "data")
+        config.train.steps, config.train.eval_every, config.train.recompute = 1, 0, policy
+        result = train(config, "pretrain", log=lambda _: None, measure_activations=True)
+        counted[policy] = result.activation_bytes
+    assert 0 < counted["full"] < counted["none"]

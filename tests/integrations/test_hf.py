@@ -2,8 +2,8 @@
 
 Each architecture is built from a tiny random config (no downloads), copied, and the copy is
 patched; loss, logits and every parameter's .grad are compared with the unpatched model under
-the tolerance rule of DESIGN.md §3 (the unpatched model in float64 is the oracle, the unpatched
-model in the same dtype the baseline).
+the tolerance rule of docs/architecture.md §5 (the unpatched model in float64 is the oracle, the
+unpatched model in the same dtype the baseline).
 """
 
 import copy
@@ -148,7 +148,8 @@ def test_unpatch_restores_everything(arch):
 
 
 def test_patching_one_model_leaves_its_twin_alone():
-    """Models built from one config object share it (DESIGN.md §6)."""
+    """Models built from one config object share it: patching one must leave the other's attention
+    implementation alone."""
     config = _config("llama")
     a = transformers.LlamaForCausalLM(config)
     b = transformers.LlamaForCausalLM(config)

@@ -1,10 +1,10 @@
-"""attention on every available backend against the float64 reference (DESIGN.md §3).
+"""attention on every available backend against the float64 reference (docs/architecture.md §5).
 
 Dense and packed layouts, causal (bottom-right) and sliding-window masks, GQA/MQA, T != S, T = 1,
 odd lengths, fully masked rows, all input gradients; gradcheck (fp64, cpu), determinism, opcheck,
 torch.compile, bad input, and slmfast's scaled_dot_product_attention against torch's. The Triton
-backend runs under the interpreter here (slow, and bf16 tl.dot is wrong there, DESIGN.md §3), so
-it gets a smaller parametrization in fp32 and fp16.
+backend runs under the interpreter here (slow, and bf16 tl.dot is wrong there, docs/architecture.md
+§5), so it gets a smaller parametrization in fp32 and fp16.
 """
 
 import math
@@ -19,6 +19,7 @@ from slmfast.ops import attention as attention_op
 from slmfast.ops.attention import attention_reference
 from tests.helpers import (
     assert_close,
+    attention_oracle,
     backend_params,
     cpu_capability_params,
     device_for,
@@ -100,14 +101,15 @@ def _assert_lse_close(ours, baseline, reference):
 
 
 def _check_against_reference(backend, q, k, v, **kwargs):
-    """Output, lse and every input gradient of `backend` against the fp64 reference, with torch in
-    the same dtype as the baseline of the tolerance rule (for the gradients, the larger error of
-    autograd through softmax and of the flash backward's formulas: _flash_grads)."""
+    """Output, lse and every input gradient of `backend` against the fp64 oracle
+    (tests.helpers.attention_oracle, written apart from the op's reference, so that the torch
+    backend is checked too), with the oracle in the same dtype as the baseline of the tolerance
+    rule (for the gradients, the larger error of autograd through softmax and of the flash
+    backward's formulas: flash_attention_grads)."""
     grad_out = torch.randn(q.shape, dtype=torch.float64, device=q.device)
     ours = _grads(lambda *t: attention(*t, return_lse=True, backend=backend, **kwargs), q, k, v, grad_out)
-    same = _grads(lambda *t: attention_reference(*t, return_lse=True, **kwargs), q, k, v, grad_out)
-    fp64 = _grads(lambda *t: attention_reference(*(x.double() for x in t), return_lse=True, **kwargs),
-                  q, k, v, grad_out)
+    same = _grads(lambda *t: attention_oracle(*t, **kwargs), q, k, v, grad_out)
+    fp64 = _grads(lambda *t: attention_oracle(*(x.double() for x in t), **kwargs), q, k, v, grad_out)
     flash = flash_attention_grads(q, k, v, grad_out, **kwargs)
     assert ours[0].dtype == q.dtype and ours[1].dtype == torch.float32
     ulps = lse_floor_ulps(fp64[1])
@@ -145,8 +147,8 @@ def test_packed_matches_fp64_reference(backend, lengths, dtype, causal, window):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_packed_with_own_key_offsets(backend, causal):
     """cu_seqlens_k: each document has its own number of keys (a padded batch with a KV cache,
-    the way transformers hands it over). Oracle: each document run alone through the dense
-    reference in float64 (causal is bottom-right aligned within the document)."""
+    the way transformers hands it over). Oracle: tests.helpers.attention_oracle, which runs each
+    document alone (causal is bottom-right aligned within the document)."""
     device = device_for(backend)
     q_lengths, k_lengths = [3, 1, 9, 0], [7, 12, 9, 4]
     cu_q = torch.tensor([0, *torch.tensor(q_lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
@@ -161,15 +163,7 @@ def test_packed_with_own_key_offsets(backend, causal):
                              backend=backend), q, k, v, grad_out)
 
     def per_document(q, k, v):
-        outs, lses = [], []
-        for b in range(len(q_lengths)):
-            qd = q[cu_q[b]:cu_q[b + 1]].transpose(0, 1)[None]               # (1, Hq, Lq, D)
-            kd = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1)[None]               # (1, Hkv, Lk, D)
-            vd = v[cu_k[b]:cu_k[b + 1]].transpose(0, 1)[None]
-            o, lse_d = attention_reference(qd, kd, vd, causal=causal, return_lse=True)
-            outs.append(o[0].transpose(0, 1))
-            lses.append(lse_d[0].transpose(0, 1))
-        return torch.cat(outs), torch.cat(lses)
+        return attention_oracle(q, k, v, causal=causal, cu_seqlens=cu_q, cu_seqlens_k=cu_k)
 
     same = _grads(per_document, q, k, v, grad_out)
     fp64 = _grads(lambda *t: per_document(*(x.double() for x in t)), q, k, v, grad_out)
@@ -280,17 +274,21 @@ def test_fp64_cpu_is_exact(causal, window, capability):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(4, 4, 2, 96, 96, 64), (1, 4, 1, 150, 150, 64)], ids=["grouped", "split"])
-def test_backward_is_deterministic(backend, shape):
-    """Two backward runs give the same bits (the two shapes take the cpu backward's two schedules)."""
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_is_deterministic(backend, shape, deterministic):
+    """The guarantee of `deterministic=` (documented in attention's docstring): two backward runs
+    give the same bits on every backend, whichever value is passed (the two shapes take the cpu
+    backward's two schedules)."""
     if backend == "triton" and INTERPRETED:
         shape = (1, 2, 1, 24, 24, 32)
     B, Hq, Hkv, T, S, D = shape
     dtype = torch.float16 if backend == "triton" and INTERPRETED else torch.bfloat16
     q, k, v = _dense_inputs((B, Hq, Hkv, T, S, D, True, None), dtype, device_for(backend))
     grad_out = torch.randn(q.shape, dtype=torch.float64, device=q.device)
-    fn = lambda *t: attention(*t, causal=True, return_lse=True, backend=backend)  # noqa: E731
+    fn = lambda *t: attention(*t, causal=True, return_lse=True, deterministic=deterministic,  # noqa: E731
+                              backend=backend)
     first = _grads(fn, q, k, v, grad_out)
     second = _grads(fn, q, k, v, grad_out)
     for a, b in zip(first, second):

@@ -1,15 +1,15 @@
-"""The Triton attention launchers (slmfast/triton/attention.py) against a float64 masked reference.
+"""The Triton attention launchers (slmfast/triton/attention.py) against a float64 oracle.
 
-The reference below is plain PyTorch written for this file: scores in the dtype of its inputs,
-the contract's mask (bottom-right aligned causality, window (left, right), documents of a packed
-batch attend only inside themselves), softmax, and rows that see no key give 0 and lse -inf.
-Run in float64 it is the oracle; run in the input dtype it is the "torch in the same dtype"
-baseline of the tolerance rule (tests.helpers.assert_close, DESIGN.md §3). Forward out and lse
-and all three input gradients are compared.
+The oracle is tests.helpers.attention_oracle, the contract of slmfast/ops/attention.py in plain
+PyTorch (rows that see no key give 0 and lse -inf). Run in float64 it is the oracle; run in the
+input dtype it is the "torch in the same dtype" baseline of the tolerance rule
+(tests.helpers.assert_close, docs/architecture.md §5). Forward out and lse and all three input
+gradients are compared.
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors: float32 and float16 only
-(bf16 tl.dot is wrong in the interpreter, DESIGN.md §3) and small shapes. Tests marked `gpu`
-(run by benchmarks/gpu_check.sh through `pytest -m gpu`) take realistic shapes in bf16/fp16/fp32.
+(bf16 tl.dot is wrong in the interpreter, docs/architecture.md §5) and small shapes. Tests marked
+`gpu` (run by benchmarks/gpu_check.sh through `pytest -m gpu`) take realistic shapes in
+bf16/fp16/fp32.
 """
 
 from __future__ import annotations
@@ -20,59 +20,11 @@ import torch
 pytest.importorskip("triton")
 
 from slmfast.triton import attention as tattn  # noqa: E402
-from tests.helpers import assert_close, flash_attention_grads, lse_floor_ulps  # noqa: E402
+from tests.helpers import assert_close, attention_oracle, flash_attention_grads, lse_floor_ulps  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 NO_WINDOW = (-1, -1)
-
-
-# ------------------------------------------------------------------------------------------
-# Reference
-# ------------------------------------------------------------------------------------------
-
-def _visible(t: int, s: int, causal: bool, window, device) -> torch.Tensor:
-    """(t, s) boolean: key j visible to query i, per the contract (offset = s - t)."""
-    i = torch.arange(t, device=device)[:, None]
-    j = torch.arange(s, device=device)[None, :]
-    offset = s - t
-    vis = torch.ones(t, s, dtype=torch.bool, device=device)
-    if causal:
-        vis &= j <= i + offset
-    left, right = window
-    if left >= 0:
-        vis &= j >= i + offset - left
-    if right >= 0:
-        vis &= j <= i + offset + right
-    return vis
-
-
-def reference_dense(q, k, v, *, scale, causal, window):
-    """q (B, Hq, T, D), k/v (B, Hkv, S, D) -> out (B, Hq, T, D), lse (B, Hq, T), in q's dtype."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)                                      # (B, Hq, S, D)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale                      # (B, Hq, T, S)
-    vis = _visible(q.shape[2], k.shape[2], causal, window, q.device)          # (T, S)
-    seen = vis.any(-1)                                                         # (T,)
-    scores = scores.masked_fill(~vis, float("-inf"))
-    scores = scores.masked_fill(~seen[:, None], 0.0)  # rows that see nothing: finite, zeroed below
-    p = torch.softmax(scores, dim=-1) * seen[:, None]
-    lse = torch.logsumexp(scores, dim=-1).masked_fill(~seen, float("-inf"))
-    return torch.matmul(p, v), lse
-
-
-def reference_packed(q, k, v, *, scale, causal, window, cu_q, cu_k):
-    """q (Nq, Hq, D), k/v (Nk, Hkv, D), documents from cu_q / cu_k -> out (Nq, Hq, D), lse (Nq, Hq)."""
-    outs, lses = [], []
-    for b in range(len(cu_q) - 1):
-        qb = q[cu_q[b]:cu_q[b + 1]].transpose(0, 1)[None]                     # (1, Hq, Tb, D)
-        kb = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1)[None]                     # (1, Hkv, Sb, D)
-        vb = v[cu_k[b]:cu_k[b + 1]].transpose(0, 1)[None]
-        o, lse = reference_dense(qb, kb, vb, scale=scale, causal=causal, window=window)
-        outs.append(o[0].transpose(0, 1))                                      # (Tb, Hq, D)
-        lses.append(lse[0].transpose(0, 1))                                    # (Tb, Hq)
-    return torch.cat(outs), torch.cat(lses)
 
 
 # ------------------------------------------------------------------------------------------
@@ -97,12 +49,10 @@ def _compare(q, k, v, *, scale, causal, window, cu_q=None, cu_k=None):
                   max_seqlen_q=max(b - a for a, b in zip(cu_q, cu_q[1:])),
                   max_seqlen_k=max(b - a for a, b in zip(cu_k, cu_k[1:])))
 
-        def ref_fn(q_, k_, v_):
-            return reference_packed(q_, k_, v_, scale=scale, causal=causal, window=window,
-                                    cu_q=cu_q, cu_k=cu_k)
-    else:
-        def ref_fn(q_, k_, v_):
-            return reference_dense(q_, k_, v_, scale=scale, causal=causal, window=window)
+    documents = {} if cu_q is None else dict(cu_seqlens=cu_q, cu_seqlens_k=cu_k)
+
+    def ref_fn(q_, k_, v_):
+        return attention_oracle(q_, k_, v_, scale=scale, causal=causal, window=window, **documents)
 
     grad_out = torch.randn(q.shape, dtype=torch.float64, device=q.device)
     out, lse = tattn.attention_fwd(q, k, v, **kw)

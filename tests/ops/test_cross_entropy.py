@@ -1,4 +1,5 @@
-"""cross_entropy on every available backend against the float64 reference (DESIGN.md §3)."""
+"""cross_entropy on every available backend against the float64 reference (docs/architecture.md
+§5)."""
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ CPU_CAPABILITIES = cpu_capability_params()  # the fp64 / cpu-only tests run on e
 
 BACKENDS = backend_params()
 KERNEL_BACKENDS = [b for b in BACKENDS if b.values[0] != "torch"]
+# The torch backend computes its rows with the reference's own function (F.cross_entropy plus the
+# z-loss term), so the comparisons with the reference run the kernels only.
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OPTIONS = {
     "plain": {},
@@ -44,7 +47,7 @@ def _check(backend, logits, target, **options):
     assert_close("dlogits", ours[1][0], base[1][0], ref[1][0])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_matches_fp64_reference(backend, dtype, option):

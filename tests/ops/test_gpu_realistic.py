@@ -6,8 +6,9 @@ Triton kernels under the interpreter). This file is what `pytest -m gpu` adds on
 GPU dispatch table can choose it ("native": SDPA / varlen_attn, F.rms_norm, F.layer_norm), at
 Llama-like sizes (hidden 2048-4096, 8-16k tokens, vocabularies of 32-128k, T = 4096 attention)
 and at odd ones (rows and widths that are no power of two, fp16, fp32). Outputs and the gradients
-of every floating input follow DESIGN.md §3's rule: err(ours, fp64) <= 2 err(torch in the same
-dtype, fp64) + a floor, the fp64 reference computed on the GPU from fp64 copies of the inputs.
+of every floating input follow the tolerance rule (docs/architecture.md §5): err(ours, fp64) <= 2
+err(torch in the same dtype, fp64) + a floor, the fp64 reference computed on the GPU from fp64
+copies of the inputs.
 
 Every test is marked gpu: without CUDA they are skipped (tests/conftest.py). The check_* functions
 take the device, so the same code can be exercised on the CPU with tiny sizes (Triton interpreter).

@@ -1,7 +1,8 @@
-"""rms_norm on every available backend against the float64 reference (DESIGN.md §3)."""
+"""rms_norm on every available backend against the float64 reference (docs/architecture.md §5)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from slmfast import backends
 from slmfast.functional import rms_norm
@@ -20,6 +21,17 @@ def _inputs(shape, dtype, device, residual, weight_dtype=None):
     w = (torch.rand(shape[-1], device=device) + 0.5).to(weight_dtype or dtype)
     r = torch.randn(shape, dtype=dtype, device=device) if residual else None
     return x, w, r
+
+
+def _by_torch(x, weight, eps, residual, offset=0.0):
+    """The contract by torch's own F.rms_norm, independent of the op's reference (so that the
+    torch backend is checked too): h = x + residual in x's dtype, normalized with offset + weight
+    in float32 (float64 for float64 inputs) and rounded once to x's dtype. On float64 copies it is
+    the oracle."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x if residual is None else x + residual
+    y = F.rms_norm(h.to(acc), (h.shape[-1],), offset + weight.to(acc), eps).to(x.dtype)
+    return y if residual is None else (y, h)
 
 
 def _run_with_grads(fn, x, w, r, grad_y, grad_h):
@@ -49,11 +61,10 @@ def test_matches_fp64_reference(backend, shape, dtype, residual):
         return rms_norm(x_, w_, 1e-5, r_, offset, backend=backend)
 
     def same_dtype(x_, w_, r_):
-        return rms_norm_reference(x_, w_, 1e-5, r_, offset)
+        return _by_torch(x_, w_, 1e-5, r_, offset)
 
     def fp64(x_, w_, r_):
-        return rms_norm_reference(x_.double(), w_.double(), 1e-5,
-                                  r_.double() if r_ is not None else None, offset)
+        return _by_torch(x_.double(), w_.double(), 1e-5, r_.double() if r_ is not None else None, offset)
 
     outs, grads = _run_with_grads(ours, x, w, r, grad_y, grad_h)
     base_outs, base_grads = _run_with_grads(same_dtype, x, w, r, grad_y, grad_h)
@@ -91,11 +102,10 @@ def test_fp32_weight_with_bf16_activations(backend):
     grad_h = torch.randn(x.shape, dtype=torch.float64, device=device)
     outs, grads = _run_with_grads(lambda a, b, c: rms_norm(a, b, 1e-6, c, backend=backend),
                                   x, w, r, grad_y, grad_h)
-    base_outs, base_grads = _run_with_grads(lambda a, b, c: rms_norm_reference(a, b, 1e-6, c),
+    base_outs, base_grads = _run_with_grads(lambda a, b, c: _by_torch(a, b, 1e-6, c),
                                             x, w, r, grad_y, grad_h)
-    ref_outs, ref_grads = _run_with_grads(
-        lambda a, b, c: rms_norm_reference(a.double(), b.double(), 1e-6, c.double()),
-        x, w, r, grad_y, grad_h)
+    ref_outs, ref_grads = _run_with_grads(lambda a, b, c: _by_torch(a.double(), b.double(), 1e-6, c.double()),
+                                          x, w, r, grad_y, grad_h)
     assert outs[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
     assert_close("y", outs[0], base_outs[0], ref_outs[0])
     for name, g, bg, rg in zip(("dx", "dweight", "dresidual"), grads, base_grads, ref_grads):
@@ -158,8 +168,8 @@ def test_non_contiguous_input_is_copied(backend):
     device = device_for(backend)
     x = torch.randn(16, 8, device=device).t()  # (8, 16), strides (1, 8)
     w = torch.randn(16, device=device)
-    expected = rms_norm_reference(x.double(), w.double())
-    assert_close("y", rms_norm(x, w, backend=backend), rms_norm_reference(x, w), expected)
+    expected = _by_torch(x.double(), w.double(), 1e-6, None)
+    assert_close("y", rms_norm(x, w, backend=backend), _by_torch(x, w, 1e-6, None), expected)
 
 
 def test_saved_bytes_are_input_weight_and_one_rstd_per_row():

@@ -20,6 +20,8 @@ CPU_CAPABILITIES = cpu_capability_params()  # the fp64 / cpu-only tests run on e
 
 BACKENDS = backend_params(IMPLEMENTED)
 KERNEL_BACKENDS = [b for b in BACKENDS if b.values[0] != "torch"]
+# The torch backend IS glu_reference, so comparing it with glu_reference would prove nothing;
+# test_reference_is_the_eager_formula checks the reference against the formula written here.
 SHAPES = [(3, 17, 80), (1, 1, 4096), (5, 1000), (2, 5120), (7, 3)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CPU = pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
@@ -45,7 +47,7 @@ def _run(fn, gate, up, grad):
     return out, dg, du
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -3,8 +3,9 @@
 //
 // Block products go through ATen's batch-reduce GEMM, at::native::cpublas::brgemm (oneDNN's
 // ukernel: AMX tiles for bf16, AVX-512 FMA for fp32), never through at::mm (its dispatch costs
-// more than a 64x64 block product, DESIGN.md §5). brgemm computes C (M, N) (+)= A (M, K) B (K, N)
-// with A and C row-major and B either row-major (fp32) or, for bf16, in the VNNI layout
+// more than a 64x64 block product: 23 us for torch.mm against 4.8 us for brgemm, packing
+// included, on a 256x64x64 bf16 block). brgemm computes C (M, N) (+)= A (M, K) B (K, N) with A
+// and C row-major and B either row-major (fp32) or, for bf16, in the VNNI layout
 //   B_vnni[k / 2][n][k % 2] = B[k][n]   (pairs of K rows interleaved; K padded to even with zeros)
 // which brgemm accepts for any N and any ld_b (checked here: N = 16..256, ld_b up to 1024).
 // cpublas::pack produces the same layout but only for ld_out in {16, 32, 48, 64}; the packers

@@ -6,7 +6,7 @@
 //   h = x + residual,  mu = mean(h),  r = 1 / sqrt(mean((h - mu)^2) + eps),
 //   y = (h - mu) * r * w + b
 // The forward writes y, h and (mu, r) per row; the backward recomputes xhat = (h - mu) * r from
-// them, so y and xhat are never saved (DESIGN.md §2):
+// them, so y and xhat are never saved (docs/architecture.md §3):
 //   g = dy * w,  dh = r * (g - mean(g) - xhat * mean(g * xhat)) + dh_out,
 //   dw = sum_rows(dy * xhat),  db = sum_rows(dy)
 // Same structure as rms_norm.cpp: rows in parallel, each row read once from memory and its other

@@ -5,8 +5,8 @@
 // pre-norm residual form every Llama-style block uses:
 //   h = x + residual,  r = 1 / sqrt(mean(h^2) + eps),  y = h * r * (offset + w)
 // The forward writes y, h and one r per row; backward recomputes xhat = h * r from h and r, so y
-// is never saved (DESIGN.md §2). Rows run in parallel with at::parallel_for. The forward reads
-// each row from memory once: one pass forms h and its sum of squares together, the second
+// is never saved (docs/architecture.md §3). Rows run in parallel with at::parallel_for. The forward
+// reads each row from memory once: one pass forms h and its sum of squares together, the second
 // (y) re-reads h from L1/L2; the backward likewise (a dot product, then dx). Full steps move
 // 32 bf16/fp16 elements per load/store (rowwise.h), accumulating in at::opmath_type (fp32 for
 // bf16/fp16, fp64 for fp64); fresh outputs are backed by huge pages (alloc.h), which on these

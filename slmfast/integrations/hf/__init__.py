@@ -34,7 +34,7 @@ _STATE = "_slmfast_patch"
 
 def _isolate_config(model: nn.Module) -> None:
     """Give the model its own config object: models built from one config share it, and
-    set_attn_implementation on one would switch the other too (DESIGN.md §6)."""
+    set_attn_implementation on one would switch the other too."""
     old = model.config
     new = copy.deepcopy(old)
     for module in model.modules():

@@ -4,9 +4,10 @@ transformers calls `attention_forward(module, query, key, value, attention_mask,
 dropout=..., sliding_window=..., softcap=..., **kwargs)` with query (B, Hq, T, D) and key/value
 (B, Hkv, S, D) (not repeated for GQA) and expects (B, T, Hq, D) back. The mask it passes is made
 by the mask function registered under the same name in AttentionMaskInterface: without that
-registration a custom name receives attention_mask=None and padding is silently ignored
-(DESIGN.md §6). Ours returns what FlashAttention-2's does: None when there is no padding, else
-the 2-D boolean padding mask (B, S), which `attention_forward` turns into packed documents
+registration a custom name receives attention_mask=None and padding is silently ignored (seen
+with transformers 5.24: the real tokens of a left-padded batch got logits off by 0.25). Ours
+returns what FlashAttention-2's does: None when there is no padding, else the 2-D boolean
+padding mask (B, S), which `attention_forward` turns into packed documents
 (cu_seqlens) so that padded positions cost nothing and are never attended to.
 
 What the fused op does not cover falls back to transformers' SDPA attention with a one-time
