@@ -199,7 +199,8 @@ def chunked_divergence_loss(
         n = hs.shape[0]
         vocab = M.vocab_columns(OP, sw.shape[0], tw.shape[0], None)
         entropy = torch.zeros(n, dtype=acc, device=hs.device)                  # (n,)
-        chunk = int(chunk_size) if chunk_size else C.default_chunk_size(n, hs.shape[1], vocab, hs.device)
+        chunk = int(chunk_size) if chunk_size else C.default_chunk_size(n, hs.shape[1], vocab, hs.device,
+                                                                        hs.dtype)
         name = select_backend("distill_loss", IMPLEMENTED, hs.device, hs.dtype, backend, any(need))
         s_cap, t_cap = student_final_logit_softcapping, teacher_final_logit_softcapping
         options = (kind, beta, float(temperature), float(student_logit_scale),

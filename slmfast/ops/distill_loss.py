@@ -179,6 +179,9 @@ def _fused_setup(ctx, inputs, output):
     ctx.num_inputs = len(inputs)
     ctx.has_bias = inputs[2] is not None
     ctx.save_for_backward(*output[1:])
+    # The gradient outputs get no incoming gradient; without this autograd would fill one with
+    # zeros of their size (N x H + V x H) during backward, a second copy of the gradients.
+    ctx.set_materialize_grads(False)
 
 
 def _fused_backward(ctx, grad_loss, *_):
@@ -355,10 +358,10 @@ def _target(op, target, rows, vocab, ignore_index, device):
     return M.check_target(op, target, rows, vocab, ignore_index)
 
 
-def _chunk(op, chunk_size, n, hidden, vocab, device):
+def _chunk(op, chunk_size, n, hidden, vocab, device, dtype):
     if chunk_size is not None and int(chunk_size) < 0:
         raise ValueError(f"{op}: chunk_size must be >= 1 (or None / 0: the default), got {chunk_size}")
-    return int(chunk_size) if chunk_size else C.default_chunk_size(n, hidden, vocab, device)
+    return int(chunk_size) if chunk_size else C.default_chunk_size(n, hidden, vocab, device, dtype)
 
 
 def distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -385,7 +388,7 @@ def distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, tea
     n = sh.shape[0]
     v = M.vocab_columns(OP, sw.shape[0], tw.shape[0], vocab_size)
     y = _target(OP, target, n, v, ignore_index, sh.device)
-    chunk = _chunk(OP, chunk_size, n, sh.shape[1], v, sh.device)
+    chunk = _chunk(OP, chunk_size, n, sh.shape[1], v, sh.device, sh.dtype)
     name = select_backend(OP, IMPLEMENTED, sh.device, sh.dtype, backend, any(need))
     scale = M.mean_scale(OP, y != ignore_index if y is not None else None, n, reduction, num_items,
                          M.acc_dtype(sh.dtype), sh.device)
@@ -470,7 +473,7 @@ def topk_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
         if bool((srt[:, 1:] == srt[:, :-1]).any()):
             raise ValueError(f"{OP_TOPK}: teacher_topk_ids repeats an id within a row")
     y = _target(OP_TOPK, target, n, v, ignore_index, sh.device)
-    chunk = _chunk(OP_TOPK, chunk_size, n, sh.shape[1], v, sh.device)
+    chunk = _chunk(OP_TOPK, chunk_size, n, sh.shape[1], v, sh.device, sh.dtype)
     name = select_backend(OP_TOPK, IMPLEMENTED_TOPK, sh.device, sh.dtype, backend, any(need))
     scale = M.mean_scale(OP_TOPK, y != ignore_index if y is not None else None, n, reduction, num_items,
                          M.acc_dtype(sh.dtype), sh.device)
@@ -545,7 +548,7 @@ def sampled_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         if bool((srt[:, 1:] == srt[:, :-1]).any()):
             raise ValueError(f"{op}: teacher_sample_ids repeats an id within a row (merge repeats into one "
                              "entry with their summed count or weight)")
-    chunk = _chunk(op, chunk_size, n, sh.shape[1], v, sh.device)
+    chunk = _chunk(op, chunk_size, n, sh.shape[1], v, sh.device, sh.dtype)
     name = select_backend(op, IMPLEMENTED_SAMPLED, sh.device, sh.dtype, backend, any(need), OP)
     scale = M.mean_scale(op, y != ignore_index if y is not None else None, n, reduction, num_items, acc,
                          sh.device)

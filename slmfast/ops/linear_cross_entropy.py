@@ -92,6 +92,9 @@ def _(hidden, weight, bias, target, scale, ignore_index, label_smoothing, softca
 def _fused_setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
     ctx.save_for_backward(*output[1:])
+    # The gradient outputs get no incoming gradient; without this autograd would fill one with
+    # zeros of their size (N x H + V x H) during backward, a second copy of the gradients.
+    ctx.set_materialize_grads(False)
 
 
 def _fused_backward(ctx, grad_loss, _gh, _gw, _gb):
@@ -231,7 +234,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
                          f"dimension), got {tuple(target.shape)}")
     n, vocab = h.shape[0], w.shape[0]
     y = M.check_target(OP, target, n, vocab, ignore_index)
-    chunk = int(chunk_size) if chunk_size else C.default_chunk_size(n, h.shape[1], vocab, h.device)
+    chunk = int(chunk_size) if chunk_size else C.default_chunk_size(n, h.shape[1], vocab, h.device, h.dtype)
     name = select_backend(OP, IMPLEMENTED, h.device, h.dtype, backend, any(need))
     cap = float(softcap) if softcap else 0.0
     acc = M.acc_dtype(h.dtype)

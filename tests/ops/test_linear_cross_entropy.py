@@ -186,6 +186,39 @@ def test_saved_bytes_are_the_gradients_not_the_logits():
     assert unfused >= n * v * 4
 
 
+@pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
+def test_backward_allocates_nothing_of_the_gradients_size():
+    """The backward hands over the gradients the forward computed: no tensor as large as a
+    gradient is made during it (autograd used to fill the op's unused gradient outputs with
+    zeros of grad_hidden's and grad_weight's size, a second copy of both at the step's peak)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n, h, v = 64, 32, 500
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # new memory
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    loss = linear_cross_entropy(hidden, weight, target, chunk_size=16, backend="cpu")
+    with Sizes() as sizes:
+        loss.backward()
+    assert sizes.largest < n * h, f"the backward made a tensor of {sizes.largest} elements"
+    assert weight.grad is not None and hidden.grad is not None
+
+
 # ---- registration: opcheck and torch.compile ----------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
