@@ -123,7 +123,8 @@ def packed_impls(device: str, dtype) -> dict:
 
     impls = {"slmfast": ours,
              "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask)}
-    impls["flex"] = flex_impl(document_block_mask)  # on the CPU forward only (no backward there)
+    if torch.device(device).type == "cuda":  # the CPU's forward-only Flex: bench_flex_cpu.py
+        impls["flex"] = flex_impl(document_block_mask)
     return impls
 
 
@@ -134,10 +135,12 @@ def measure(impls: dict, shape, dtype, device, reps: int) -> dict:
     q, k, v = (torch.randn(B, H, T, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
     grad = torch.randn(B, H, T, D, dtype=dtype, device=device)
 
+    q_, k_, v_ = (t.detach() for t in (q, k, v))  # the forward pass alone: inputs without grad
+
     def forward(fn):
         def run():
             with torch.no_grad():
-                fn(q, k, v)
+                fn(q_, k_, v_)
         return run
 
     def forward_backward(fn):
