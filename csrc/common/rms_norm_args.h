@@ -40,8 +40,6 @@ inline void check_rms_norm_weight(const char* op, const at::Tensor& x, const at:
             reduced ? " or float32" : "", ", got ", weight.scalar_type());
 }
 
-// Checks the forward's inputs, allocates (y, h, rstd) and fills the params struct.
-// h is an empty tensor when there is no residual (the input x is then what backward needs).
 // The residual of a fused "add then normalize" (rms_norm, layer_norm): absent, or x's twin
 // (device, shape, dtype, contiguous). Returns whether it is given.
 inline bool check_residual(const char* op, const std::optional<at::Tensor>& residual, const at::Tensor& x) {
@@ -54,6 +52,8 @@ inline bool check_residual(const char* op, const std::optional<at::Tensor>& resi
   return true;
 }
 
+// Checks the forward's inputs, allocates (y, h, rstd) and fills the params struct.
+// h is an empty tensor when there is no residual (the input x is then what backward needs).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd_prepare(
     const char* op, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& residual, double eps, double offset, RmsNormFwdParams& p) {
