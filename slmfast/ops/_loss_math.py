@@ -270,6 +270,31 @@ def _soft_weights(lq, lp, kind: int, beta: float):
     return 0.5 * (p - q).abs().sum(-1), 0.5 * q * torch.sign(q - p)
 
 
+def _finish_soft_rows(student, s, loss, soft_grad, target, grad_scale, temperature: float, hard_weight: float,
+                      ignore_index: int):
+    """The part every distillation row function shares, from the soft loss per row (already
+    times T^2) on: adds hard_weight * CE(s, target), gives ignored rows exactly 0, and with
+    grad_scale writes the scaled gradient T soft_grad() + hard_weight (softmax(s) - onehot(y))
+    over student (exactly 0 on ignored rows, even where their logits hold NaN). soft_grad() is
+    dL/du / T^2 for u = s / T, called only when the gradient is asked for. s is student in the
+    accumulation dtype."""
+    valid = target != ignore_index if target is not None else None
+    hard = hard_weight > 0 and target is not None
+    if hard:
+        loss = loss + hard_weight * F.cross_entropy(s, torch.where(valid, target, 0), reduction="none")
+    if valid is not None:
+        loss = torch.where(valid, loss, 0)
+    if grad_scale is not None:
+        d = temperature * soft_grad()
+        if hard:
+            d = d + hard_weight * _ce_grad(s, torch.where(valid, target, 0))
+        d = d * grad_scale.to(s.dtype).expand(s.shape[0])[:, None]
+        if valid is not None:
+            d = torch.where(valid[:, None], d, 0)
+        student.copy_(d)
+    return loss
+
+
 def distill_rows_torch(student, teacher, target, grad_scale, kind, beta, temperature, hard_weight,
                        ignore_index):
     """Per-row loss (acc dtype); with grad_scale, the scaled gradient written over student."""
@@ -278,23 +303,9 @@ def distill_rows_torch(student, teacher, target, grad_scale, kind, beta, tempera
     lq = F.log_softmax(s / temperature, -1)
     lp = F.log_softmax(teacher.to(acc) / temperature, -1)
     soft, w = _soft_weights(lq, lp, kind, beta)
-    loss = temperature ** 2 * soft
-    valid = target != ignore_index if target is not None else None
-    hard = hard_weight > 0 and target is not None
-    if hard:
-        loss = loss + hard_weight * F.cross_entropy(s, torch.where(valid, target, 0), reduction="none")
-    if valid is not None:
-        loss = torch.where(valid, loss, 0)
-    if grad_scale is not None:
-        d = temperature * (w - lq.exp() * w.sum(-1, keepdim=True))  # dL/du / T * T^2
-        if hard:
-            d = d + hard_weight * _ce_grad(s, torch.where(valid, target, 0))
-        scale = grad_scale.to(acc).expand(s.shape[0])
-        d = d * scale[:, None]
-        if valid is not None:  # ignored rows: 0 even for NaN logits
-            d = torch.where(valid[:, None], d, 0)
-        student.copy_(d)
-    return loss
+    return _finish_soft_rows(student, s, temperature ** 2 * soft,
+                             lambda: w - lq.exp() * w.sum(-1, keepdim=True),  # dL/du / T^2
+                             target, grad_scale, temperature, hard_weight, ignore_index)
 
 
 def topk_rows_torch(student, topk_ids, topk_logprobs, target, grad_scale, kind, beta, temperature,
@@ -320,30 +331,17 @@ def topk_rows_torch(student, topk_ids, topk_logprobs, target, grad_scale, kind, 
         p_tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp(min=0)
         lp_t = F.log_softmax(torch.cat([lp, _tail_log(p_tail)], -1) / temperature, -1)
     soft, w = _soft_weights(lq, lp_t, kind, beta)
-    loss = temperature ** 2 * soft
-    valid = target != ignore_index if target is not None else None
-    hard = hard_weight > 0 and target is not None
-    if hard:
-        loss = loss + hard_weight * F.cross_entropy(s, torch.where(valid, target, 0), reduction="none")
-    if valid is not None:
-        loss = torch.where(valid, loss, 0)
-    if grad_scale is not None:
+
+    def soft_grad():
         c = w.sum(-1, keepdim=True)
         if tail == "none":
-            du = torch.zeros_like(s).scatter_(-1, topk_ids, w - lq.exp() * c)
-        else:
-            q = lq_full.exp()
-            ratio = torch.where(q_tail > 0, w[:, -1:] / q_tail.clamp(min=torch.finfo(acc).tiny), 0)
-            du = torch.where(not_k, q * ratio, 0).scatter_(-1, topk_ids, w[:, :-1]) - q * c
-        d = temperature * du
-        if hard:
-            d = d + hard_weight * _ce_grad(s, torch.where(valid, target, 0))
-        scale = grad_scale.to(acc).expand(s.shape[0])
-        d = d * scale[:, None]
-        if valid is not None:  # ignored rows: 0 even for NaN logits
-            d = torch.where(valid[:, None], d, 0)
-        student.copy_(d)
-    return loss
+            return torch.zeros_like(s).scatter_(-1, topk_ids, w - lq.exp() * c)
+        q = lq_full.exp()
+        ratio = torch.where(q_tail > 0, w[:, -1:] / q_tail.clamp(min=torch.finfo(acc).tiny), 0)
+        return torch.where(not_k, q * ratio, 0).scatter_(-1, topk_ids, w[:, :-1]) - q * c
+
+    return _finish_soft_rows(student, s, temperature ** 2 * soft, soft_grad, target, grad_scale, temperature,
+                             hard_weight, ignore_index)
 
 
 # ---- sampled teacher (random-sampling KD): references and row kernels -----------------------
@@ -393,23 +391,10 @@ def sampled_rows_torch(student, sample_ids, sample_weights, entropy, target, gra
     loss = -torch.where(w == 0, 0, w * lq.gather(-1, sample_ids)).sum(-1)
     if entropy is not None:
         loss = loss - entropy.to(acc)
-    loss = temperature ** 2 * loss
-    valid = target != ignore_index if target is not None else None
-    hard = hard_weight > 0 and target is not None
-    if hard:
-        loss = loss + hard_weight * F.cross_entropy(s, torch.where(valid, target, 0), reduction="none")
-    if valid is not None:
-        loss = torch.where(valid, loss, 0)
-    if grad_scale is not None:
-        du = lq.exp_().mul_(w.sum(-1, keepdim=True)).scatter_add_(-1, sample_ids, -w)   # (C, V)
-        d = temperature * du
-        if hard:
-            d = d + hard_weight * _ce_grad(s, torch.where(valid, target, 0))
-        d = d * grad_scale.to(acc).expand(s.shape[0])[:, None]
-        if valid is not None:  # ignored rows: 0 even for NaN logits
-            d = torch.where(valid[:, None], d, 0)
-        student.copy_(d)
-    return loss
+    return _finish_soft_rows(
+        student, s, temperature ** 2 * loss,
+        lambda: lq.exp_().mul_(w.sum(-1, keepdim=True)).scatter_add_(-1, sample_ids, -w),  # (C, V)
+        target, grad_scale, temperature, hard_weight, ignore_index)
 
 
 def sampled_dense_teacher(sample_ids, sample_weights, vocab: int, temperature: float, dtype):
