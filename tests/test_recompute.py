@@ -156,36 +156,113 @@ def test_layers_argument_and_errors():
 
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
-def test_planner_meets_budget(fraction):
+def test_planner_meets_saved_budget(fraction):
     model = _hf_model("llama").train()
     batch = _batch(seq=64)
     none_bytes = rc.report(model, batch).activation_bytes
-    budget = rc.MemoryBudget(fraction)
+    budget = rc.MemoryBudget(fraction, measure="saved")
     rc.apply(model, budget, batch=batch)
     plan = model._slmfast_recompute_plan
     measured = rc.report(model, batch).activation_bytes
-    assert plan.budget == int(fraction * none_bytes)
+    assert plan.budget == int(fraction * none_bytes) and plan.measure == "saved"
     assert measured <= plan.budget
     assert abs(measured - plan.predicted_bytes) <= 0.05 * plan.predicted_bytes
-    # the plan uses the memory it is given: no policy could be relaxed and still fit
+    _assert_no_policy_can_relax(model, batch, plan, lambda r: r.activation_bytes)
+
+
+def _assert_no_policy_can_relax(model, batch, plan, figure):
+    """The plan uses the memory it is given: no block's policy could be relaxed and still fit."""
     relaxed = {"full": "selective", "selective": "none"}
     for i, policy in enumerate(plan.policies):
         if policy in relaxed:
             trial = list(plan.policies)
             trial[i] = relaxed[policy]
             rc.apply(model, trial)
-            if rc.report(model, batch).activation_bytes <= plan.budget:
+            if figure(rc.report(model, batch)) <= plan.budget:
                 pytest.fail(f"block {i} could use {relaxed[policy]!r} within budget; plan {plan.policies}")
 
 
-def test_planner_infeasible_budget_names_the_smallest():
+def _deep_llama():
+    common = dict(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=8,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).train()
+
+
+def test_planner_bounds_the_step_peak_and_is_monotonic():
+    """The default budget bounds the step's peak (saved activations plus what the backward
+    allocates): for each budget the tracked peak of the chosen plan is within the budget and the
+    prediction, no block could recompute less and still fit, and a larger budget never gives a
+    higher peak or a dearer plan. One measurement serves every budget (rc.plans)."""
+    model = _deep_llama()
+    batch = _batch(vocab=64, seq=128)
+    none_peak = rc.report(model, batch).step_peak_bytes
+    fractions = (0.6, 0.7, 0.8, 0.9, 1.0)
+    found = rc.plans(model, [rc.MemoryBudget(f) for f in fractions], batch)
+    peaks, costs = [], []
+    for fraction, plan in zip(fractions, found):
+        assert isinstance(plan, rc.Plan), plan
+        assert plan.measure == "peak" and abs(plan.none_bytes - none_peak) <= 0.02 * none_peak
+        assert plan.budget == int(fraction * plan.none_bytes)
+        rc.apply(model, plan.policies)
+        measured = rc.report(model, batch).step_peak_bytes
+        assert measured <= plan.budget
+        assert abs(measured - plan.predicted_bytes) <= 0.05 * plan.predicted_bytes
+        if fraction in (0.7, 0.9):
+            _assert_no_policy_can_relax(model, batch, plan, lambda r: r.step_peak_bytes)
+        peaks.append(measured)
+        costs.append(plan.predicted_cost)
+    assert all(a <= b for a, b in zip(peaks, peaks[1:])), peaks
+    assert all(a >= b - 1e-12 for a, b in zip(costs, costs[1:])), costs
+
+
+def test_saved_bytes_promise_more_than_the_peak_delivers():
+    """Why the default measures the peak: a plan that halves the saved activations leaves the
+    step's peak well above half of "none" (the backward's own allocations stay)."""
+    model = _deep_llama()
+    batch = _batch(vocab=64, seq=128)
+    none = rc.report(model, batch)
+    rc.apply(model, rc.MemoryBudget(0.5, measure="saved"), batch=batch)
+    saved_plan = rc.report(model, batch)
+    assert saved_plan.activation_bytes <= 0.5 * none.activation_bytes
+    assert saved_plan.step_peak_bytes > 0.5 * none.step_peak_bytes
+
+
+@pytest.mark.parametrize("measure", ["peak", "saved"])
+def test_planner_infeasible_budget_names_the_smallest(measure):
     model = _hf_model("llama").train()
     batch = _batch()
-    with pytest.raises(ValueError, match=r"smallest feasible budget is \d+ bytes"):
-        rc.apply(model, rc.MemoryBudget(1000), batch=batch)
+    with pytest.raises(ValueError, match=r"smallest feasible budget is \d+ bytes") as error:
+        rc.apply(model, rc.MemoryBudget(1000, measure=measure), batch=batch)
+    smallest = int(error.value.args[0].split("smallest feasible budget is ")[1].split()[0])
+    rc.apply(model, rc.MemoryBudget(smallest, measure=measure), batch=batch)   # that budget is feasible
+    with pytest.raises(ValueError, match="smallest feasible budget"):
+        rc.apply(model, rc.MemoryBudget(int(smallest * 0.98), measure=measure), batch=batch)
 
 
-def test_solver_matches_brute_force():
+def test_memory_budget_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="MemoryBudget must be positive"):
+        rc.MemoryBudget(0)
+    with pytest.raises(ValueError, match="MemoryBudget measure must be one of peak, saved, got 'rss'"):
+        rc.MemoryBudget(0.5, measure="rss")
+
+
+def _random_memory(gen, n):
+    from slmfast.recompute.planner import BlockMemory, ModelMemory
+
+    blocks, costs = [], []
+    for _ in range(n):
+        full, sel, none = sorted(torch.randint(1, 1000, (3,), generator=gen).tolist())
+        rest = torch.randint(0, 3000, (3, 2), generator=gen).tolist()
+        blocks.append({p: BlockMemory(10 * s, 10 * s + f, 10 * s + b)
+                       for p, s, (f, b) in zip(("none", "selective", "full"), (none, sel, full), rest)})
+        c = sorted(torch.rand(2, generator=gen).tolist())
+        costs.append({"none": 0.0, "selective": c[0], "full": c[1]})
+    return ModelMemory(blocks, head=int(torch.randint(0, 5000, (1,), generator=gen)),
+                       embed=int(torch.randint(0, 5000, (1,), generator=gen)), saved_outside=500), costs
+
+
+@pytest.mark.parametrize("measure", ["peak", "saved"])
+def test_solver_matches_brute_force(measure):
     import itertools
 
     from slmfast.recompute.planner import PLANNED_POLICIES, solve
@@ -193,23 +270,21 @@ def test_solver_matches_brute_force():
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         n = 4
-        per_block = []
-        costs = []
-        for _ in range(n):
-            full, sel, none = sorted(torch.randint(1, 1000, (3,), generator=gen).tolist())
-            per_block.append({"none": none * 10, "selective": sel * 10, "full": full * 10})
-            c = sorted(torch.rand(2, generator=gen).tolist())
-            costs.append({"none": 0.0, "selective": c[0], "full": c[1]})
-        outside = 500
-        slack = int(torch.randint(0, 20000, (1,), generator=gen))
-        budget = outside + sum(b["full"] for b in per_block) + slack
-        policies, total, cost = solve(per_block, costs, outside, budget)
-        assert total <= budget
-        best = min(sum(c[p] for c, p in zip(costs, combo))
-                   for combo in itertools.product(PLANNED_POLICIES, repeat=n)
-                   if outside + sum(b[p] for b, p in zip(per_block, combo)) <= budget)
-        assert cost <= best + 1e-9 + 0.0  # within rounding: never worse than the optimum
-        assert cost >= best - 1e-9
+        memory, costs = _random_memory(gen, n)
+        combos = list(itertools.product(PLANNED_POLICIES, repeat=n))
+        lowest = min(memory.bound(list(c), measure) for c in combos)
+        budget = lowest + int(torch.randint(0, 20000, (1,), generator=gen)) + 100
+        policies, cost = solve(memory, costs, budget, measure)
+        assert memory.bound(policies, measure) <= budget
+        assert cost == pytest.approx(sum(c[p] for c, p in zip(costs, policies)))
+        best = min(sum(c[p] for c, p in zip(costs, combo)) for combo in combos
+                   if memory.bound(list(combo), measure) <= budget)
+        # rounding to budget / 4096 units may rule out plans within n units of the budget
+        near = min((sum(c[p] for c, p in zip(costs, combo)) for combo in combos
+                    if memory.bound(list(combo), measure) <= budget - n * (budget / 4096 + 1)), default=best)
+        assert best - 1e-9 <= cost <= near + 1e-9
+        with pytest.raises(ValueError, match="smallest feasible budget"):
+            solve(memory, costs, lowest - 1, measure)
 
 
 def test_report_table_and_dict():
@@ -223,8 +298,12 @@ def test_report_table_and_dict():
     n = sum(p.numel() for p in model.parameters())
     assert data["num_parameters"] == n and data["optimizer_bytes"] == 8 * n
     assert data["peak_bytes_estimate"] == (data["parameter_bytes"] + data["gradient_bytes"]
-                                           + data["optimizer_bytes"] + data["activation_bytes"])
-    assert "peak estimate" in result.table()
+                                           + data["optimizer_bytes"] + data["step_peak_bytes"])
+    # the peak holds at least the saved activations, and each block's peak at least its own
+    assert data["step_peak_bytes"] >= data["activation_bytes"]
+    assert all(p >= s for p, s in zip(data["peak_bytes_per_block"], data["activation_bytes_per_block"]))
+    assert data["peak_phase"].startswith(("forward", "backward"))
+    assert "peak estimate" in result.table() and "peak in the" in result.table()
 
 
 @pytest.mark.parametrize("policy", ["selective", "full"])

@@ -23,6 +23,8 @@ calls for no memory gain once C is this small.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from slmfast.ops import _loss_math as M
@@ -181,7 +183,9 @@ def chunked(rows_fn, hidden, weight, bias, vocab, chunk_size, grad_scale, need):
     acc = M.acc_dtype(hidden.dtype)
     loss = torch.empty(n, dtype=acc, device=hidden.device)
     grads = GradAccumulator(hidden, weight, bias, vocab, *need) if grad_scale is not None else None
-    with torch.autocast(hidden.device.type, enabled=False):
+    # (meta tensors have no autocast; slmfast.recompute's tracker runs this loop on them to count its chunks)
+    meta = hidden.device.type == "meta"
+    with nullcontext() if meta else torch.autocast(hidden.device.type, enabled=False):
         for c0 in range(0, n, chunk_size):
             c1 = min(n, c0 + chunk_size)
             logits = logits_of(hidden[c0:c1], weight, bias, vocab)  # (C, V)
@@ -208,8 +212,10 @@ def scale_saved_grads(saved, grad_loss):
     the incoming gradient of the (scalar) loss. When that is exactly 1 (loss.backward() without
     loss scaling) the saved tensors are returned as they are: no arithmetic, and autograd takes
     them over without a copy once the graph releases them. Otherwise (and under torch.compile)
-    a new product, so that a retained graph can run backward again. Empty tensors: None."""
+    a new product, so that a retained graph can run backward again. On the meta device, which
+    has no values to scale, the saved tensors are returned too: the memory a meta run predicts
+    (slmfast memory) is then that of the common loss.backward(). Empty tensors: None."""
     if grad_loss is None:  # no gradient reached the loss (grads are not materialized): none flows on
         return [None] * len(saved)
-    one = _concrete(grad_loss) and bool(grad_loss == 1)
+    one = grad_loss.device.type == "meta" or (_concrete(grad_loss) and bool(grad_loss == 1))
     return [None if g.numel() == 0 else (g if one else g * grad_loss.to(g.dtype)) for g in saved]

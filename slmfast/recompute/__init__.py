@@ -2,7 +2,7 @@
 
     import slmfast.recompute as rc
     rc.apply(model, "selective")                       # or "none" | "full" | "offload"
-    rc.apply(model, rc.MemoryBudget(0.5), batch=batch) # the planner: fit half the activations
+    rc.apply(model, rc.MemoryBudget(0.5), batch=batch) # the planner: half the step's peak of "none"
     print(rc.report(model, batch).table())
     rc.remove(model)
 
@@ -18,8 +18,8 @@ import logging
 from torch import nn
 
 from slmfast.recompute.blocks import find_blocks
-from slmfast.recompute.measure import ActivationBytes, activation_bytes, step_times
-from slmfast.recompute.planner import PLANNED_POLICIES, MemoryBudget, Plan, solve
+from slmfast.recompute.measure import ActivationBytes, StepMemory, step_memory, step_times
+from slmfast.recompute.planner import PLANNED_POLICIES, BlockMemory, MemoryBudget, ModelMemory, Plan, solve
 from slmfast.recompute.policies import (
     POLICIES,
     block_policy,
@@ -30,8 +30,8 @@ from slmfast.recompute.policies import (
 )
 from slmfast.recompute.report import Report, report
 
-__all__ = ["POLICIES", "ActivationBytes", "MemoryBudget", "Plan", "Report", "apply", "find_blocks",
-           "plan", "policies_of", "remove", "report"]
+__all__ = ["POLICIES", "ActivationBytes", "MemoryBudget", "Plan", "Report", "StepMemory", "apply",
+           "find_blocks", "plan", "plans", "policies_of", "remove", "report", "step_memory"]
 
 logger = logging.getLogger("slmfast.recompute")
 
@@ -42,18 +42,27 @@ def policies_of(model: nn.Module, layers=None) -> list[str]:
 
 def plan(model: nn.Module, budget: MemoryBudget, batch, *, layers=None, loss_fn=None) -> Plan:
     """Measure the model on `batch` under each policy and solve for `budget` (planner.py)."""
+    found = plans(model, [budget], batch, layers=layers, loss_fn=loss_fn)[0]
+    if isinstance(found, ValueError):
+        raise found
+    return found
+
+
+def plans(model: nn.Module, budgets: list[MemoryBudget], batch, *, layers=None,
+          loss_fn=None) -> list[Plan | ValueError]:
+    """One measurement, one plan per budget (or the ValueError of an infeasible budget)."""
     blocks = find_blocks(model, layers)
     previous = [block_policy(b) for b in blocks]
     was_training = model.training
     model.train()
-    measured_bytes: dict[str, ActivationBytes] = {}
+    measured_memory: dict[str, StepMemory] = {}
     measured_steps = {}
     try:
         disable_kv_cache(model)
         for policy in PLANNED_POLICIES:
             for block in blocks:
                 set_block_policy(block, policy)
-            measured_bytes[policy] = activation_bytes(model, blocks, batch, loss_fn)
+            measured_memory[policy] = step_memory(model, blocks, batch, loss_fn)
             measured_steps[policy] = step_times(model, blocks, batch, loss_fn)
     finally:
         for block, policy in zip(blocks, previous):
@@ -68,13 +77,32 @@ def plan(model: nn.Module, budget: MemoryBudget, batch, *, layers=None, loss_fn=
     overhead["full"] = max(overhead["full"], overhead["selective"])
     costs = [{p: seconds * overhead[p] / total_forward + 1e-9 * rank
               for rank, p in enumerate(PLANNED_POLICIES)} for seconds in forward]
-    per_block = [{p: measured_bytes[p].per_block[i] for p in PLANNED_POLICIES} for i in range(len(blocks))]
-    outside = max(measured_bytes[p].outside for p in PLANNED_POLICIES)  # conservative
-    none_total = measured_bytes["none"].total
-    full_total = measured_bytes["full"].total
-    budget_bytes = budget.bytes(none_total)
-    policies, predicted, cost = solve(per_block, costs, outside, budget_bytes)
-    return Plan(policies, predicted, cost, budget_bytes, none_total, full_total)
+    memory = model_memory(measured_memory)
+    none = measured_memory["none"]   # what the fraction of a budget is taken of: measured, not predicted
+    results: list[Plan | ValueError] = []
+    for budget in budgets:
+        none_bytes = none.peak if budget.measure == "peak" else sum(none.saved) + none.saved_outside
+        budget_bytes = budget.bytes(none_bytes)
+        try:
+            policies, cost = solve(memory, costs, budget_bytes, budget.measure)
+        except ValueError as error:
+            results.append(error)
+            continue
+        phase = memory.phase(policies) if budget.measure == "peak" else "saved"
+        results.append(Plan(policies, budget.measure, memory.bound(policies, budget.measure), phase, cost,
+                            budget_bytes, none_bytes, memory.bound(["full"] * len(blocks), budget.measure)))
+    return results
+
+
+def model_memory(measured: dict[str, StepMemory]) -> ModelMemory:
+    """The planner's figures from one tracked step per uniform policy. What lies outside the blocks
+    should not depend on the blocks' policies; the largest of the measurements is taken."""
+    num_blocks = len(next(iter(measured.values())).saved)
+    blocks = [{p: BlockMemory(m.saved[b], m.forward_rest[b], m.backward_rest[b]) for p, m in measured.items()}
+              for b in range(num_blocks)]
+    return ModelMemory(blocks, head=max(m.head for m in measured.values()),
+                       embed=max(m.embed for m in measured.values()),
+                       saved_outside=max(m.saved_outside for m in measured.values()))
 
 
 def apply(model: nn.Module, policy, *, layers=None, batch=None, loss_fn=None) -> nn.Module:

@@ -6,12 +6,15 @@
 
 The model is a named slmfast config (slmfast.models.NAMED_CONFIGS), a slmfast model directory or
 a local transformers model directory (only its config.json is read: weights are not needed to
-count bytes). slmfast models are built by default on the meta device, where every op runs its
-shape-only (fake) kernel: the bytes saved for backward are exact for slmfast's fused kernels (each
-backend saves the same tensors, ops/<op>.py) and for torch's own ops, and a 1B model costs
-seconds, not gigabytes. transformers models are built on the CPU by default: their mask code reads
-tensor values (packed-sequence detection), which meta tensors do not have; only the forward runs.
-A budget (`budget:0.5` or `budget:2GiB`) needs real timings, so it needs a real device.
+count bytes). For each policy it shows, per block, the activations saved for backward and the
+most the step holds while the block runs, and the step's peak with the phase it falls in (one
+forward and backward tracked op by op: slmfast/recompute/measure.py). slmfast models are built by
+default on the meta device, where every op runs its shape-only (fake) kernel: the figures are
+exact for slmfast's fused kernels (each backend saves the same tensors, ops/<op>.py) and for
+torch's own ops, and a 1B model costs seconds, not gigabytes. transformers models are built on the
+CPU by default: their mask code reads tensor values (packed-sequence detection), which meta
+tensors do not have. A budget (`budget:0.5` or `budget:2GiB`, of the step's peak) needs real
+timings, so it needs a real device.
 """
 
 from __future__ import annotations
@@ -121,6 +124,9 @@ def run_memory(args: argparse.Namespace) -> int:
         base = results["none"].activation_bytes
         print("\nactivations vs none: " + ", ".join(
             f"{k} {r.activation_bytes / base:.2f}" for k, r in results.items()))
+        base_peak = results["none"].step_peak_bytes
+        print("step peak vs none:   " + ", ".join(
+            f"{k} {r.step_peak_bytes / base_peak:.2f}" for k, r in results.items()))
     return 0
 
 
