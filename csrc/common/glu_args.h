@@ -1,5 +1,5 @@
 // glu_args.h — argument checks and tensors -> params for the glu ops (SwiGLU / GeGLU), shared by
-// the CPU kernel (csrc/cpu/swiglu.cpp) and the CUDA bindings (csrc/cuda/bindings.cpp), so that
+// the CPU kernel (csrc/cpu/glu.cpp) and the CUDA bindings (csrc/cuda/bindings.cpp), so that
 // both refuse the same inputs with the same messages and allocate the same outputs.
 #pragma once
 

@@ -1,6 +1,6 @@
-// swiglu.cu — gated linear units (SwiGLU, GeGLU) forward and backward for NVIDIA GPUs.
+// glu.cu — gated linear units (SwiGLU, GeGLU) forward and backward for NVIDIA GPUs.
 //
-// Same contract as csrc/cpu/swiglu.cpp (Shazeer 2020, "GLU Variants Improve Transformer"):
+// Same contract as csrc/cpu/glu.cpp (Shazeer 2020, "GLU Variants Improve Transformer"):
 //   out = act(gate) * up;  backward: dgate = dout * up * act'(gate), dup = dout * act(gate),
 //   and out again when asked (recompute), reading only gate, up and dout.
 // Elementwise, grid-stride over 16-byte packs when every pointer is 16-byte aligned (else one
