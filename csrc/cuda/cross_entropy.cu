@@ -179,7 +179,9 @@ namespace slmfast {
 
 void cross_entropy_cuda(const CrossEntropyParams& params, void* stream) {
   if (params.rows == 0) return;
-  SLMFAST_DISPATCH_DTYPE(params.dtype, T, { cuda::launch<T>(params, static_cast<cudaStream_t>(stream)); });
+  visit_element_type<cuda::CudaElementTypes>(params.dtype, [&](auto t) {
+    cuda::launch<decltype(t)>(params, static_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace slmfast

@@ -153,7 +153,8 @@ void launch_direction(const GluParams& p, cudaStream_t stream) {
 template <bool kBackward>
 void dispatch(const GluParams& p, cudaStream_t stream) {
   if (p.n == 0) return;
-  SLMFAST_DISPATCH_DTYPE(p.dtype, T, {
+  visit_element_type<CudaElementTypes>(p.dtype, [&](auto t) {
+    using T = decltype(t);
     switch (p.activation) {
       case GluActivation::kSilu: launch_direction<T, GluActivation::kSilu, kBackward>(p, stream); break;
       case GluActivation::kGelu: launch_direction<T, GluActivation::kGelu, kBackward>(p, stream); break;
