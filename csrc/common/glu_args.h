@@ -1,5 +1,5 @@
 // glu_args.h — argument checks and tensors -> params for the glu ops (SwiGLU / GeGLU), shared by
-// the CPU kernel (csrc/cpu/swiglu.cpp) and the CUDA bindings (csrc/cuda/bindings.cpp), so that
+// the CPU kernel (csrc/cpu/glu.cpp) and the CUDA bindings (csrc/cuda/bindings.cpp), so that
 // both refuse the same inputs with the same messages and allocate the same outputs.
 #pragma once
 
@@ -9,8 +9,8 @@
 #include <tuple>
 
 #include "checks.h"
+#include "dtypes.h"
 #include "params.h"
-#include "rms_norm_args.h"  // to_dtype
 
 namespace slmfast {
 
@@ -25,10 +25,7 @@ inline GluActivation parse_glu_activation(const char* op, c10::string_view activ
 inline void check_glu_pair(const char* op, const at::Tensor& gate, const at::Tensor& up) {
   SLM_CHECK_FLOATING(op, gate);
   SLM_CHECK_CONTIGUOUS(op, gate);
-  SLM_CHECK_DEVICE(op, up, gate.device());
-  SLM_CHECK_SAME_SHAPE(op, up, gate);
-  SLM_CHECK_DTYPE(op, up, gate.scalar_type());
-  SLM_CHECK_CONTIGUOUS(op, up);
+  check_twin(op, up, "up", gate, "gate");
 }
 
 // Forward: allocates out (like gate) and fills the params.
@@ -51,10 +48,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_bwd_prepare(
     const char* op, const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up,
     c10::string_view activation, bool recompute, GluParams& p) {
   check_glu_pair(op, gate, up);
-  SLM_CHECK_DEVICE(op, dout, gate.device());
-  SLM_CHECK_SAME_SHAPE(op, dout, gate);
-  SLM_CHECK_DTYPE(op, dout, gate.scalar_type());
-  SLM_CHECK_CONTIGUOUS(op, dout);
+  check_twin(op, dout, "dout", gate, "gate");
   at::Tensor dgate = at::empty_like(gate);
   at::Tensor dup = at::empty_like(up);
   at::Tensor out = recompute ? at::empty_like(gate) : at::empty({0}, gate.options());

@@ -8,12 +8,52 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace slmfast {
 
 // Element types the kernels are instantiated for; the one dispatch point per op turns this
-// runtime value into a template argument.
+// runtime value into a template argument (visit_element_type below).
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// The element types a backend gives the two 16-bit DTypes: c10::Half and c10::BFloat16 in the
+// CPU kernels (cpu/kernels/vec.h), __half and __nv_bfloat16 in the .cu files (cuda/common.cuh);
+// float32 and float64 are float and double in both.
+template <typename Half, typename BFloat16>
+struct ElementTypes {
+  using Float16 = Half;
+  using BFloat16Type = BFloat16;
+};
+
+// f(T{}) with T the element type of `dtype` in the backend `Types` (an ElementTypes). Returns
+// false, calling nothing, for a code outside the enum; the caller reports it.
+template <typename Types, typename F>
+inline bool visit_element_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); return true;
+    case DType::kFloat64: f(double{}); return true;
+    case DType::kBFloat16: f(typename Types::BFloat16Type{}); return true;
+    case DType::kFloat16: f(typename Types::Float16{}); return true;
+  }
+  return false;
+}
+
+// The norms' one (x dtype, weight dtype) dispatch, for the CPU kernels and the .cu files alike:
+// f(T{}, W{}) with T the element type of x and W = T, or float for bf16/fp16 x with a float32
+// weight (the mixed-precision case; the ops check that no other pair reaches a kernel).
+template <typename Types, typename F>
+inline bool visit_norm_element_types(DType x_dtype, DType weight_dtype, F&& f) {
+  return visit_element_type<Types>(x_dtype, [&](auto x) {
+    using T = decltype(x);
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      f(x, x);
+    } else if (weight_dtype == x_dtype) {
+      f(x, x);
+    } else {
+      f(x, float{});
+    }
+  });
+}
 
 // RMSNorm forward over `rows` rows of `cols` contiguous elements:
 //   h = x + residual (when residual != nullptr), r = 1 / sqrt(mean(h^2) + eps),

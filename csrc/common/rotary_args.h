@@ -12,8 +12,8 @@
 #include <tuple>
 
 #include "checks.h"
+#include "dtypes.h"
 #include "params.h"
-#include "rms_norm_args.h"  // to_dtype
 
 namespace slmfast {
 

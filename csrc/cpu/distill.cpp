@@ -57,20 +57,36 @@ void fill_distill(DistillParams& p, const at::Tensor& student, const at::Tensor&
   p.hard_weight = hard_weight;
 }
 
+// The forward's outputs, loss (rows,) and stats (rows, kDistillStats) in the accumulation dtype,
+// with p pointing at them.
+std::tuple<at::Tensor, at::Tensor> distill_fwd_outputs(const at::Tensor& student, DistillParams& p) {
+  const auto acc = student.options().dtype(acc_dtype(student.scalar_type()));
+  at::Tensor loss = at::empty({student.size(0)}, acc);
+  at::Tensor stats = at::empty({student.size(0), kDistillStats}, acc);
+  p.loss = loss.data_ptr();
+  p.stats = stats.data_ptr();
+  return {loss, stats};
+}
+
+// The backward's gradient output dstudent (written in place of student by distill_fwd_bwd_) and
+// its scale grad_scale: (rows,) or one value for every row.
+void set_distill_grad(DistillParams& p, const at::Tensor& dstudent, const at::Tensor& grad_scale) {
+  p.dstudent = dstudent.data_ptr();
+  p.dstudent_row_stride = dstudent.stride(0);
+  p.grad_scale = grad_scale.data_ptr();
+  p.grad_scale_stride = grad_scale.numel() == 1 && dstudent.size(0) != 1 ? 0 : 1;
+}
+
 std::tuple<at::Tensor, at::Tensor> distill_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                    const std::optional<at::Tensor>& target, int64_t kind,
                                                    double beta, double temperature, double hard_weight,
                                                    int64_t ignore_index) {
   check_distill("distill_fwd", student, teacher, target, kind, beta, temperature, hard_weight, ignore_index);
-  const auto acc = student.options().dtype(acc_dtype(student.scalar_type()));
-  at::Tensor loss = at::empty({student.size(0)}, acc);
-  at::Tensor stats = at::empty({student.size(0), kDistillStats}, acc);
   DistillParams p{};
   fill_distill(p, student, teacher, target, kind, beta, temperature, hard_weight, ignore_index);
-  p.loss = loss.data_ptr();
-  p.stats = stats.data_ptr();
+  auto outputs = distill_fwd_outputs(student, p);
   if (p.rows > 0) kernels().distill(p);
-  return {loss, stats};
+  return outputs;
 }
 
 at::Tensor distill_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
@@ -88,10 +104,7 @@ at::Tensor distill_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& studen
   fill_distill(p, student, teacher, target, kind, beta, temperature, hard_weight, ignore_index);
   p.stats = stats.data_ptr();
   p.stats_is_input = true;
-  p.dstudent = dstudent.data_ptr();
-  p.dstudent_row_stride = dstudent.stride(0);
-  p.grad_scale = grad_loss.data_ptr();
-  p.grad_scale_stride = grad_loss.numel() == 1 && student.size(0) != 1 ? 0 : 1;
+  set_distill_grad(p, dstudent, grad_loss);
   if (p.rows > 0) kernels().distill(p);
   return dstudent;
 }
@@ -102,17 +115,10 @@ at::Tensor distill_fwd_bwd_cpu(const at::Tensor& student, const at::Tensor& teac
   const char* op = "distill_fwd_bwd_";
   check_distill(op, student, teacher, target, kind, beta, temperature, hard_weight, ignore_index);
   check_ce_row_vector(op, "grad_scale", grad_scale, student, /*allow_one=*/true);
-  const auto acc = student.options().dtype(acc_dtype(student.scalar_type()));
-  at::Tensor loss = at::empty({student.size(0)}, acc);
-  at::Tensor stats = at::empty({student.size(0), kDistillStats}, acc);
   DistillParams p{};
   fill_distill(p, student, teacher, target, kind, beta, temperature, hard_weight, ignore_index);
-  p.loss = loss.data_ptr();
-  p.stats = stats.data_ptr();
-  p.dstudent = student.data_ptr();
-  p.dstudent_row_stride = student.stride(0);
-  p.grad_scale = grad_scale.data_ptr();
-  p.grad_scale_stride = grad_scale.numel() == 1 && student.size(0) != 1 ? 0 : 1;
+  auto [loss, stats] = distill_fwd_outputs(student, p);  // stats: scratch for the kernel
+  set_distill_grad(p, student, grad_scale);
   if (p.rows > 0) kernels().distill(p);
   return loss;
 }

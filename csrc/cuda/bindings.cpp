@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda_op(
   return {dx, dweight};
 }
 
-// ---- glu: SwiGLU / GeGLU (csrc/cuda/swiglu.cu) ----
+// ---- glu: SwiGLU / GeGLU (csrc/cuda/glu.cu) ----
 at::Tensor glu_fwd_cuda_op(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation) {
   const c10::cuda::CUDAGuard guard(gate.device());
   GluParams p{};

@@ -77,13 +77,8 @@ __device__ __forceinline__ A block_sum(A v, A* scratch) {
   return warp_sum(total);
 }
 
-// Element type of a runtime DType, for the dispatch points in the launchers.
-#define SLMFAST_DISPATCH_DTYPE(dtype, T, ...)                                       \
-  switch (dtype) {                                                                  \
-    case ::slmfast::DType::kFloat32: { using T = float; __VA_ARGS__; break; }         \
-    case ::slmfast::DType::kFloat16: { using T = __half; __VA_ARGS__; break; }        \
-    case ::slmfast::DType::kBFloat16: { using T = __nv_bfloat16; __VA_ARGS__; break; } \
-    case ::slmfast::DType::kFloat64: { using T = double; __VA_ARGS__; break; }        \
-  }
+// The .cu files' element types of the 16-bit DTypes, for params.h's visit_element_type and
+// visit_norm_element_types (the dispatch points in the launchers).
+using CudaElementTypes = ::slmfast::ElementTypes<__half, __nv_bfloat16>;
 
 }  // namespace slmfast::cuda

@@ -52,9 +52,9 @@ __device__ __forceinline__ void merge(A& m, A& s, A m2, A s2) {
   m = mx;
 }
 
-// Block-wide merge of (m, s) and sum of z; every thread gets the result.
+// Warp-wide merge of (m, s) and sum of z; every lane gets the result.
 template <typename A>
-__device__ __forceinline__ void block_merge(A& m, A& s, A& sum_z, A* scratch) {
+__device__ __forceinline__ void warp_merge(A& m, A& s, A& sum_z) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     const A m2 = __shfl_xor_sync(0xffffffffu, m, offset);
@@ -62,6 +62,12 @@ __device__ __forceinline__ void block_merge(A& m, A& s, A& sum_z, A* scratch) {
     sum_z += __shfl_xor_sync(0xffffffffu, sum_z, offset);
     merge(m, s, m2, s2);
   }
+}
+
+// Block-wide merge of (m, s) and sum of z; every thread gets the result.
+template <typename A>
+__device__ __forceinline__ void block_merge(A& m, A& s, A& sum_z, A* scratch) {
+  warp_merge(m, s, sum_z);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
   __syncthreads();
   if (lane == 0) {
@@ -73,13 +79,7 @@ __device__ __forceinline__ void block_merge(A& m, A& s, A& sum_z, A* scratch) {
   m = lane < warps ? scratch[lane] : A(-INFINITY);
   s = lane < warps ? scratch[32 + lane] : A(0);
   sum_z = lane < warps ? scratch[64 + lane] : A(0);
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const A m2 = __shfl_xor_sync(0xffffffffu, m, offset);
-    const A s2 = __shfl_xor_sync(0xffffffffu, s, offset);
-    sum_z += __shfl_xor_sync(0xffffffffu, sum_z, offset);
-    merge(m, s, m2, s2);
-  }
+  warp_merge(m, s, sum_z);
 }
 
 template <typename T, int N>
@@ -179,7 +179,9 @@ namespace slmfast {
 
 void cross_entropy_cuda(const CrossEntropyParams& params, void* stream) {
   if (params.rows == 0) return;
-  SLMFAST_DISPATCH_DTYPE(params.dtype, T, { cuda::launch<T>(params, static_cast<cudaStream_t>(stream)); });
+  visit_element_type<cuda::CudaElementTypes>(params.dtype, [&](auto t) {
+    cuda::launch<decltype(t)>(params, static_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace slmfast

@@ -200,26 +200,10 @@ void launch_bwd(const RmsNormBwdParams& p, cudaStream_t stream) {
   check_launch("rms_norm_bwd (dweight)");
 }
 
-// The one dispatch point: (x dtype, weight dtype) -> template arguments. The weight is in x's
-// dtype or, for fp16/bf16 x, float32 (checked by the bindings).
-template <typename Params, typename Launch>
-void dispatch(const Params& p, Launch&& launch) {
-  SLMFAST_DISPATCH_DTYPE(p.x_dtype, T, {
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      launch(T{}, T{});
-    } else if (p.weight_dtype == p.x_dtype) {
-      launch(T{}, T{});
-    } else {
-      launch(T{}, float{});
-    }
-  });
-}
-
 }  // namespace
 }  // namespace slmfast::cuda
 
 namespace slmfast {
-using cuda::dispatch;
 using cuda::launch_bwd;
 using cuda::launch_fwd;
 
@@ -230,14 +214,15 @@ int64_t rms_norm_bwd_num_row_blocks(int64_t rows, int64_t /*cols*/) {
 
 void rms_norm_fwd_cuda(const RmsNormFwdParams& params, void* stream) {
   if (params.rows == 0) return;
-  dispatch(params, [&](auto t, auto w) {
+  // The one dispatch point (params.h): (x dtype, weight dtype) -> template arguments.
+  visit_norm_element_types<cuda::CudaElementTypes>(params.x_dtype, params.weight_dtype, [&](auto t, auto w) {
     launch_fwd<decltype(t), decltype(w)>(params, static_cast<cudaStream_t>(stream));
   });
 }
 
 void rms_norm_bwd_cuda(const RmsNormBwdParams& params, void* stream) {
   if (params.rows == 0) return;
-  dispatch(params, [&](auto t, auto w) {
+  visit_norm_element_types<cuda::CudaElementTypes>(params.x_dtype, params.weight_dtype, [&](auto t, auto w) {
     launch_bwd<decltype(t), decltype(w)>(params, static_cast<cudaStream_t>(stream));
   });
 }

@@ -86,7 +86,8 @@ void rotary_cuda(const RotaryParams& p, void* stream) {
   if (positions > 0x7fffffff) throw std::runtime_error("slmfast rotary: more than 2^31 - 1 positions");
   const dim3 grid(static_cast<unsigned>(positions));
   auto s = static_cast<cudaStream_t>(stream);
-  SLMFAST_DISPATCH_DTYPE(p.dtype, T, {
+  visit_element_type<cuda::CudaElementTypes>(p.dtype, [&](auto t) {
+    using T = decltype(t);
     if (p.cs_dtype == p.dtype) {
       cuda::rotary_kernel<T, T><<<grid, cuda::kThreads, 0, s>>>(p);
     } else {

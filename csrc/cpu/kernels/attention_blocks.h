@@ -275,6 +275,17 @@ inline void transpose16x16(__m512 r[16]) {
     r[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
   }
 }
+
+// The (m, n) tile of src at row i0, column j0 (m, n <= 16), zero-padded to 16 x 16 and
+// transposed in registers: r[j] holds column j0 + j, rows i0 .. i0 + m.
+inline void load_transposed_tile(const float* src, int64_t ld_src, int64_t i0, int64_t m, int64_t j0, int64_t n,
+                                 __m512 r[16]) {
+  const __mmask16 load_mask = static_cast<__mmask16>((1u << n) - 1);
+  for (int64_t i = 0; i < 16; ++i) {
+    r[i] = i < m ? _mm512_maskz_loadu_ps(load_mask, src + (i0 + i) * ld_src + j0) : _mm512_setzero_ps();
+  }
+  transpose16x16(r);
+}
 #endif
 
 // dst (N, M) = src (M, N)^T for 32-bit elements (float, or pairs of bf16), any M and N.
@@ -284,12 +295,8 @@ inline void transpose32(const float* src, int64_t ld_src, float* dst, int64_t ld
     const int64_t m = std::min<int64_t>(16, M - i0);
     for (int64_t j0 = 0; j0 < N; j0 += 16) {
       const int64_t n = std::min<int64_t>(16, N - j0);
-      const __mmask16 load_mask = static_cast<__mmask16>((1u << n) - 1);
       __m512 r[16];
-      for (int64_t i = 0; i < 16; ++i) {
-        r[i] = i < m ? _mm512_maskz_loadu_ps(load_mask, src + (i0 + i) * ld_src + j0) : _mm512_setzero_ps();
-      }
-      transpose16x16(r);
+      load_transposed_tile(src, ld_src, i0, m, j0, n, r);
       const __mmask16 store_mask = static_cast<__mmask16>((1u << m) - 1);
       for (int64_t j = 0; j < n; ++j) _mm512_mask_storeu_ps(dst + (j0 + j) * ld_dst + i0, store_mask, r[j]);
     }
@@ -313,12 +320,8 @@ SLM_BF16_TARGET inline void transpose_to(const Acc* src, int64_t ld_src, T* dst,
       const int64_t m = std::min<int64_t>(16, M - i0);
       for (int64_t j0 = 0; j0 < N; j0 += 16) {
         const int64_t n = std::min<int64_t>(16, N - j0);
-        const __mmask16 load_mask = static_cast<__mmask16>((1u << n) - 1);
         __m512 r[16];
-        for (int64_t i = 0; i < 16; ++i) {
-          r[i] = i < m ? _mm512_maskz_loadu_ps(load_mask, src + (i0 + i) * ld_src + j0) : _mm512_setzero_ps();
-        }
-        transpose16x16(r);
+        load_transposed_tile(src, ld_src, i0, m, j0, n, r);
         for (int64_t j = 0; j < n; ++j) {
           store_bf16(dst + (j0 + j) * ld_dst + i0, at::vec::Vectorized<float>(r[j]), m);
         }

@@ -66,6 +66,15 @@ inline void store2(T* dst, const AccVec<T>& a, const AccVec<T>& b) {
   }
 }
 
+// a, b += the kStep<T> elements at src (a second input of a row pass: a residual, a gradient).
+template <typename T>
+inline void add_loaded2(const T* src, AccVec<T>& a, AccVec<T>& b) {
+  AccVec<T> c, d;
+  load2<T>(src, c, d);
+  a = a + c;
+  b = b + d;
+}
+
 // store2, and a, b replaced by the values as stored (rounded to T).
 template <typename T>
 inline void store2_rounded(T* dst, AccVec<T>& a, AccVec<T>& b) {
@@ -85,6 +94,20 @@ inline void for_row(int64_t cols, Full&& full, Tail&& tail) {
   int64_t j = 0;
   for (; j + kStep<T> <= cols; j += kStep<T>) full(j);
   for (; j < cols; j += AccVec<T>::size()) tail(j, std::min<int64_t>(AccVec<T>::size(), cols - j));
+}
+
+// Walks a row of two inputs a and b (e.g. dy and h) like for_row: full(j, a0, a1, b0, b1) with
+// the two halves of each full step, then tail(j, n, av, bv), zero beyond n, for what is left.
+template <typename T, typename Full, typename Tail>
+inline void for_row2(int64_t cols, const T* a, const T* b, Full&& full, Tail&& tail) {
+  for_row<T>(cols, [&](int64_t j) {
+    AccVec<T> a0, a1, b0, b1;
+    load2<T>(a + j, a0, a1);
+    load2<T>(b + j, b0, b1);
+    full(j, a0, a1, b0, b1);
+  }, [&](int64_t j, int64_t n) {
+    tail(j, n, load_acc<T>(a + j, n), load_acc<T>(b + j, n));
+  });
 }
 
 template <typename A>

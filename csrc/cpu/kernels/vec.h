@@ -82,33 +82,22 @@ inline acc_t<T> to_acc(T v) {
   return static_cast<acc_t<T>>(v);
 }
 
+// The CPU kernels' element types of the 16-bit DTypes (params.h).
+using CpuElementTypes = ElementTypes<c10::Half, c10::BFloat16>;
+
 // f(T{}) with T the element type of `dtype`: the runtime dtype of a params struct becomes a
-// template argument here, once per kernel entry point.
+// template argument here, once per kernel entry point (params.h's visit_element_type).
 template <typename F>
 inline void visit_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); return;
-    case DType::kFloat64: f(double{}); return;
-    case DType::kBFloat16: f(c10::BFloat16{}); return;
-    case DType::kFloat16: f(c10::Half{}); return;
-  }
-  TORCH_CHECK(false, "slmfast: unknown dtype code ", static_cast<int>(dtype));
+  TORCH_CHECK(visit_element_type<CpuElementTypes>(dtype, f), "slmfast: unknown dtype code ",
+              static_cast<int>(dtype));
 }
 
-// f(T{}, W{}) for a norm's input dtype T and weight dtype W: W is T, or float32 for bf16/fp16
-// inputs (the mixed-precision case; the ops check that nothing else reaches a kernel).
+// f(T{}, W{}) for a norm's input dtype T and weight dtype W (params.h's visit_norm_element_types).
 template <typename F>
 inline void visit_norm_dtypes(DType x_dtype, DType weight_dtype, F&& f) {
-  visit_dtype(x_dtype, [&](auto x) {
-    using T = decltype(x);
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      f(x, x);
-    } else if (weight_dtype == x_dtype) {
-      f(x, x);
-    } else {
-      f(x, float{});
-    }
-  });
+  TORCH_CHECK(visit_norm_element_types<CpuElementTypes>(x_dtype, weight_dtype, f), "slmfast: unknown dtype code ",
+              static_cast<int>(x_dtype));
 }
 
 }  // namespace slmfast::cpu::CPU_CAPABILITY

@@ -1,6 +1,6 @@
-// swiglu.cu — gated linear units (SwiGLU, GeGLU) forward and backward for NVIDIA GPUs.
+// glu.cu — gated linear units (SwiGLU, GeGLU) forward and backward for NVIDIA GPUs.
 //
-// Same contract as csrc/cpu/swiglu.cpp (Shazeer 2020, "GLU Variants Improve Transformer"):
+// Same contract as csrc/cpu/glu.cpp (Shazeer 2020, "GLU Variants Improve Transformer"):
 //   out = act(gate) * up;  backward: dgate = dout * up * act'(gate), dup = dout * act(gate),
 //   and out again when asked (recompute), reading only gate, up and dout.
 // Elementwise, grid-stride over 16-byte packs when every pointer is 16-byte aligned (else one
@@ -153,7 +153,8 @@ void launch_direction(const GluParams& p, cudaStream_t stream) {
 template <bool kBackward>
 void dispatch(const GluParams& p, cudaStream_t stream) {
   if (p.n == 0) return;
-  SLMFAST_DISPATCH_DTYPE(p.dtype, T, {
+  visit_element_type<CudaElementTypes>(p.dtype, [&](auto t) {
+    using T = decltype(t);
     switch (p.activation) {
       case GluActivation::kSilu: launch_direction<T, GluActivation::kSilu, kBackward>(p, stream); break;
       case GluActivation::kGelu: launch_direction<T, GluActivation::kGelu, kBackward>(p, stream); break;
