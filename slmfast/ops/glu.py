@@ -17,8 +17,8 @@ Bytes saved per element of the product: 2 x elem (gate, up), against 4 x elem fo
 `F.silu(gate) * up` (gate for silu's backward, silu(gate) and up for the product's, and the
 product for the next matmul; slmfast.nn.SwiGLUMLP also drops the last, see glu_linear).
 
-Backends: cuda (csrc/cuda/swiglu.cu), triton (slmfast/triton/swiglu.py; float32/bf16/fp16),
-cpu (csrc/cpu/swiglu.cpp), torch (glu_reference below).
+Backends: cuda (csrc/cuda/glu.cu), triton (slmfast/triton/glu.py; float32/bf16/fp16),
+cpu (csrc/cpu/glu.cpp), torch (glu_reference below).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ if backends.extension() is not None:
     _register("slmfast::glu_fwd", torch.ops.slmfast.glu_bwd)
 
 if backends.triton_version() is not None:
-    from slmfast.triton import swiglu as _triton_kernels
+    from slmfast.triton import glu as _triton_kernels
 
     @torch.library.custom_op("slmfast_triton::glu_fwd", mutates_args=())
     def _triton_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Triton kernels for the gated linear units (contract and autograd in slmfast/ops/swiglu.py).
+"""Triton kernels for the gated linear units (contract and autograd in slmfast/ops/glu.py).
 
 out = act(gate) * up with act = silu (SwiGLU) or gelu, erf or tanh form (GeGLU), after Shazeer
-2020 ("GLU Variants Improve Transformer"); same math as csrc/cpu/swiglu.cpp. Elementwise over
+2020 ("GLU Variants Improve Transformer"); same math as csrc/cpu/glu.cpp. Elementwise over
 the flattened tensors, BLOCK elements per program, float32 arithmetic. The backward reads only
 gate and up (and dout), recomputes act and act', and can write out again (RECOMPUTE) for the
 weight gradient of the projection that consumed it. tanh is written with exp (tanh z =

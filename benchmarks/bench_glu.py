@@ -6,8 +6,8 @@ Baselines, in the same process on the same inputs, timed in turns (benchmarks/in
 Forward, backward and forward+backward times, ratios ours/baseline (< 1 is faster), GB/s counting
 the fewest bytes each pass must move, and the bytes saved for backward.
 
-    python benchmarks/bench_swiglu.py --table [--device cuda] [--quick]
-    pytest benchmarks/bench_swiglu.py --benchmark-only
+    python benchmarks/bench_glu.py --table [--device cuda] [--quick]
+    pytest benchmarks/bench_glu.py --benchmark-only
 """
 
 from __future__ import annotations
