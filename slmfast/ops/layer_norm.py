@@ -125,12 +125,7 @@ def _check(x, weight, bias, residual, eps) -> torch.device:
             _checks.check_param_dtype(OP, name, param, "x", x)
     if weight is not None and bias is not None:
         _checks.check_same_dtype(OP, "bias", bias, "weight", weight)
-    if residual is not None:
-        _checks.check_tensor(OP, "residual", residual)
-        _checks.check_shape(OP, "residual", residual, tuple(x.shape), "the shape of x")
-        _checks.check_same_dtype(OP, "residual", residual, "x", x)
-    if not eps >= 0:
-        raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
+    _checks.check_residual_and_eps(OP, residual, x, eps)
     return device
 
 

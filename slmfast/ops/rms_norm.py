@@ -137,12 +137,7 @@ def check_inputs(x, weight, residual, eps, op: str = OP) -> torch.device:
         raise ValueError(f"{op}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     _checks.check_shape(op, "weight", weight, (x.shape[-1],), "the last dimension of x")
     _checks.check_param_dtype(op, "weight", weight, "x", x)
-    if residual is not None:
-        _checks.check_tensor(op, "residual", residual)
-        _checks.check_shape(op, "residual", residual, tuple(x.shape), "the shape of x")
-        _checks.check_same_dtype(op, "residual", residual, "x", x)
-    if not eps >= 0:
-        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    _checks.check_residual_and_eps(op, residual, x, eps)
     return device
 
 
