@@ -340,7 +340,7 @@ def _layer_cases(dtype, dev, rows: int, width: int, inter: int, rot_shape: tuple
     rot = dict(by_backend(lambda q, k, c, s, backend: rotary(q, k, c, s, backend=backend), kernels),
                native=lambda q, k, c, s: rotary(q, k, c, s, backend="torch"), eager=bench_rotary.eager_rotary)
     return [
-        ("rms_norm", f"{rows}x{width} +residual", bench_rms_norm.make_inputs((rows, width), dtype, dev, True),
+        ("rms_norm", f"{rows}x{width} +residual", bench_rms_norm.make_inputs((rows, width), dtype, dev),
          with_compiled(rms, bench_rms_norm.compiled_rms_norm), {"fwd": 4 * x_bytes, "fwd+bwd": 8 * x_bytes},
          2),
         ("layer_norm", f"{rows}x{width} +residual", bench_layer_norm.make_inputs((rows, width), dtype, dev),
