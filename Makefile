@@ -47,7 +47,7 @@ cuda-check:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/cuda_check.py
 
 bench: install
-	$(PY) benchmarks/bench_rms_norm.py --table && $(PY) benchmarks/bench_swiglu.py --table && $(PY) benchmarks/bench_layer_norm.py --table && $(PY) benchmarks/bench_rotary.py --table
+	$(PY) benchmarks/bench_rms_norm.py --table && $(PY) benchmarks/bench_glu.py --table && $(PY) benchmarks/bench_layer_norm.py --table && $(PY) benchmarks/bench_rotary.py --table
 
 lint: install
 	$(PY) -m ruff check slmfast tests benchmarks tools setup.py

@@ -46,7 +46,7 @@ def commands(quick: bool) -> dict[str, list[str]]:
         "attention": [py, "benchmarks/bench_attention.py", "--table", "--device", "cpu", *quick_flag,
                       "--reps", "3"],
         "rms_norm": [py, "benchmarks/bench_rms_norm.py", "--table", "--device", "cpu", *quick_flag],
-        "swiglu": [py, "benchmarks/bench_swiglu.py", "--table", "--device", "cpu", *quick_flag],
+        "swiglu": [py, "benchmarks/bench_glu.py", "--table", "--device", "cpu", *quick_flag],
         "losses": [py, "benchmarks/bench_losses.py", "--table", "--device", "cpu", "--n", "4096",
                    "--hidden", "1024", "--vocab", "32768", "--dtype", "fp32", "--reps", "3"],
     }

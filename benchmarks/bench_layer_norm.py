@@ -16,21 +16,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, layer_table_main  # noqa: E402
-from benchmarks.interleaved import (  # noqa: E402
-    copy_bandwidth,
-    lazily_compiled,
-    measure_passes,
-    print_layer_table,
-    ratio_rows,
-    saved_row,
-)
+from benchmarks.common import LayerBench  # noqa: E402
+from benchmarks.interleaved import lazily_compiled  # noqa: E402
 from slmfast.functional import layer_norm  # noqa: E402
 
 EPS = 1e-5
@@ -54,54 +46,22 @@ IMPLS = {"slmfast": slmfast_layer_norm, "eager": eager_layer_norm, "compiled": c
 
 
 def make_inputs(shape, dtype, device):
-    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
-    r = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
-    w = torch.randn(shape[-1], dtype=dtype, device=device, requires_grad=True)
-    b = torch.randn(shape[-1], dtype=dtype, device=device, requires_grad=True)
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)   # (rows, H)
+    r = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)   # (rows, H)
+    w = torch.randn(shape[-1], dtype=dtype, device=device, requires_grad=True)  # (H,)
+    b = torch.randn(shape[-1], dtype=dtype, device=device, requires_grad=True)  # (H,)
     return x, w, b, r
 
 
-def min_bytes(shape, dtype) -> dict:
-    """fwd reads x, r and writes y, h; bwd reads dy, dh, h and writes dx."""
-    n = shape[0] * shape[1] * torch.finfo(dtype).bits // 8
-    return {"fwd": 4 * n, "bwd": 4 * n, "fwd+bwd": 8 * n}
+def output_grads(inputs):
+    x = inputs[0]
+    return torch.randn_like(x), torch.randn_like(x)  # dy, dh: (rows, H)
 
 
-def run_table(device: str, quick: bool, reps: int) -> None:
-    print(environment(device))
-    print(f"copy bandwidth (read + write): {copy_bandwidth(device) / 1e9:.1f} GB/s")
-    rows = []
-    for dtype in DTYPES:
-        for shape in SHAPES[:1] if quick else SHAPES:
-            args = make_inputs(shape, dtype, device)
-            grads = (torch.randn_like(args[0]), torch.randn_like(args[0]))
-            times, saved = measure_passes(IMPLS, args, grads, device, reps)
-            label = {"dtype": str(dtype).replace("torch.", ""), "shape": f"{shape[0]}x{shape[1]}"}
-            rows += ratio_rows(label, times, min_bytes(shape, dtype))
-            rows.append(saved_row(label, saved))
-    print_layer_table(rows)
-
-
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_layer_norm_fwd_bwd(benchmark, impl, dtype):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    args = make_inputs(SHAPES[0], dtype, device)
-    grads = (torch.randn_like(args[0]), torch.randn_like(args[0]))
-
-    def step():
-        torch.autograd.backward(IMPLS[impl](*args), grads)
-        for t in args:
-            t.grad = None
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark(step)
-
-
-def main() -> None:
-    layer_table_main(__doc__, run_table)
+# fwd reads x, r and writes y, h; bwd reads dy, dh, h and writes dx; parameters and stats are negligible
+BENCH = LayerBench(__doc__, IMPLS, SHAPES, DTYPES, make_inputs, output_grads, {"fwd": 4, "bwd": 4})
+test_layer_norm_fwd_bwd = BENCH.pytest_benchmark(SHAPES[0])
 
 
 if __name__ == "__main__":
-    main()
+    BENCH.main()

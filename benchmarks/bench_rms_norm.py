@@ -16,20 +16,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, layer_table_main  # noqa: E402
-from benchmarks.interleaved import (  # noqa: E402
-    copy_bandwidth,
-    lazily_compiled,
-    measure_passes,
-    print_layer_table,
-    ratio_rows,
-    saved_row,
-)
+from benchmarks.common import LayerBench  # noqa: E402
+from benchmarks.interleaved import lazily_compiled  # noqa: E402
 from slmfast.functional import rms_norm  # noqa: E402
 
 EPS = 1e-6
@@ -54,60 +46,23 @@ compiled_rms_norm = lazily_compiled(eager_rms_norm)
 IMPLS = {"slmfast": slmfast_rms_norm, "eager": eager_rms_norm, "compiled": compiled_rms_norm}
 
 
-def make_inputs(shape, dtype, device, requires_grad):
-    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad)
-    r = torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad)
-    w = torch.randn(shape[-1], dtype=dtype, device=device, requires_grad=requires_grad)
+def make_inputs(shape, dtype, device):
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)   # (rows, H)
+    r = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)   # (rows, H)
+    w = torch.randn(shape[-1], dtype=dtype, device=device, requires_grad=True)  # (H,)
     return x, w, r
 
 
-def measure(shape, dtype, device, reps) -> tuple[dict, dict]:
-    x, w, r = make_inputs(shape, dtype, device, requires_grad=True)
-    return measure_passes(IMPLS, (x, w, r), (torch.randn_like(x), torch.randn_like(x)), device, reps)
+def output_grads(inputs):
+    x = inputs[0]
+    return torch.randn_like(x), torch.randn_like(x)  # dy, dh: (rows, H)
 
 
-def min_bytes(shape, dtype) -> dict:
-    """Fewest bytes each pass must move: fwd reads x, r, writes y, h; bwd reads dy, dh, h,
-    writes dx (residual grad is the same tensor); weight and rstd are negligible."""
-    n = shape[0] * shape[1] * torch.finfo(dtype).bits // 8
-    return {"fwd": 4 * n, "bwd": 4 * n, "fwd+bwd": 8 * n}
-
-
-def run_table(device: str, quick: bool, reps: int) -> None:
-    print(environment(device))
-    print(f"copy bandwidth (read + write): {copy_bandwidth(device) / 1e9:.1f} GB/s")
-    rows = []
-    for dtype in DTYPES:
-        for shape in SHAPES[:1] if quick else SHAPES:
-            times, saved = measure(shape, dtype, device, reps)
-            label = {"dtype": str(dtype).replace("torch.", ""), "shape": f"{shape[0]}x{shape[1]}"}
-            rows += ratio_rows(label, times, min_bytes(shape, dtype))
-            rows.append(saved_row(label, saved))
-    print_layer_table(rows)
-
-
-# ---- pytest-benchmark entry points ---------------------------------------------------------
-
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rms_norm_fwd_bwd(benchmark, impl, dtype):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x, w, r = make_inputs(SHAPES[0], dtype, device, requires_grad=True)
-    gy, gh = torch.randn_like(x), torch.randn_like(x)
-
-    def step():
-        y, h = IMPLS[impl](x, w, r)
-        torch.autograd.backward((y, h), (gy, gh))
-        x.grad = w.grad = r.grad = None
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark(step)
-
-
-def main() -> None:
-    layer_table_main(__doc__, run_table)
+# fwd reads x, r and writes y, h; bwd reads dy, dh, h and writes dx (the residual's gradient is the
+# same tensor); weight and rstd are negligible
+BENCH = LayerBench(__doc__, IMPLS, SHAPES, DTYPES, make_inputs, output_grads, {"fwd": 4, "bwd": 4})
+test_rms_norm_fwd_bwd = BENCH.pytest_benchmark(SHAPES[0])
 
 
 if __name__ == "__main__":
-    main()
+    BENCH.main()

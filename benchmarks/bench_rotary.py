@@ -18,20 +18,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, layer_table_main  # noqa: E402
-from benchmarks.interleaved import (  # noqa: E402
-    copy_bandwidth,
-    lazily_compiled,
-    measure_passes,
-    print_layer_table,
-    ratio_rows,
-    saved_row,
-)
+from benchmarks.common import LayerBench  # noqa: E402
+from benchmarks.interleaved import lazily_compiled  # noqa: E402
 from slmfast.functional import rotary  # noqa: E402
 from slmfast.nn import RotaryEmbedding  # noqa: E402
 
@@ -60,51 +52,31 @@ def make_inputs(shape, dtype, device):
     batch, seqlen, hq, hkv, head_dim = shape
     q = torch.randn(batch, seqlen, hq, head_dim, dtype=dtype, device=device).transpose(1, 2).requires_grad_()
     k = torch.randn(batch, seqlen, hkv, head_dim, dtype=dtype, device=device).transpose(1, 2).requires_grad_()
+    # q: (B, Hq, T, D), k: (B, Hkv, T, D), views of (B, T, H, D); cos, sin: (1, T, D)
     cos, sin = RotaryEmbedding(head_dim, device=device)(torch.arange(seqlen, device=device)[None])
     return q, k, cos, sin
 
 
-def min_bytes(shape, dtype) -> dict:
-    """fwd reads and writes q and k; bwd reads and writes their gradients."""
+def output_grads(inputs):
+    q, k = inputs[0], inputs[1]
+    return torch.randn_like(q), torch.randn_like(k)  # (B, Hq, T, D), (B, Hkv, T, D)
+
+
+def qk_elements(shape) -> int:
+    """Elements of q and k together: the activation-sized tensor the byte counts are in."""
     batch, seqlen, hq, hkv, head_dim = shape
-    n = batch * seqlen * (hq + hkv) * head_dim * torch.finfo(dtype).bits // 8
-    return {"fwd": 2 * n, "bwd": 2 * n, "fwd+bwd": 4 * n}
+    return batch * seqlen * (hq + hkv) * head_dim
 
 
-def run_table(device: str, quick: bool, reps: int) -> None:
-    print(environment(device))
-    print(f"copy bandwidth (read + write): {copy_bandwidth(device) / 1e9:.1f} GB/s")
-    rows = []
-    for dtype in DTYPES:
-        for shape in SHAPES[:1] if quick else SHAPES:
-            args = make_inputs(shape, dtype, device)
-            grads = (torch.randn_like(args[0]), torch.randn_like(args[1]))
-            times, saved = measure_passes(IMPLS, args, grads, device, reps)
-            label = {"dtype": str(dtype).replace("torch.", ""), "shape": "B{} T{} H{}/{} D{}".format(*shape)}
-            rows += ratio_rows(label, times, min_bytes(shape, dtype))
-            rows.append(saved_row(label, saved))
-    print_layer_table(rows)
+def shape_label(shape) -> str:
+    return "B{} T{} H{}/{} D{}".format(*shape)
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rotary_fwd_bwd(benchmark, impl, dtype):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, cos, sin = make_inputs(SHAPES[1], dtype, device)
-    grads = (torch.randn_like(q), torch.randn_like(k))
-
-    def step():
-        torch.autograd.backward(IMPLS[impl](q, k, cos, sin), grads)
-        q.grad = k.grad = None
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark(step)
-
-
-def main() -> None:
-    layer_table_main(__doc__, run_table)
+# fwd reads and writes q and k; bwd reads and writes their gradients (cos and sin are negligible)
+BENCH = LayerBench(__doc__, IMPLS, SHAPES, DTYPES, make_inputs, output_grads, {"fwd": 2, "bwd": 2},
+                   activation_elements=qk_elements, shape_label=shape_label)
+test_rotary_fwd_bwd = BENCH.pytest_benchmark(SHAPES[1])
 
 
 if __name__ == "__main__":
-    main()
+    BENCH.main()

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: wall-clock timing, the environment line, and table printing.
+"""Shared benchmark helpers: wall-clock timing, the environment line, table printing, and what the
+fused-layer benchmarks share (LayerBench).
 
 Timing follows docs/architecture.md §6: every figure is measured against named baselines in the same
 process on the same inputs and reported as a ratio next to the absolute numbers. On a GPU the
@@ -7,10 +8,13 @@ timer synchronizes before reading the clock.
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -99,18 +103,87 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
 
 
-def layer_table_main(doc: str, run_table) -> None:
-    """The command line shared by the layer benchmarks: --table [--device] [--quick] [--reps]."""
-    import argparse
+@dataclass
+class LayerBench:
+    """One fused-layer benchmark (bench_rms_norm, bench_layer_norm, bench_glu, bench_rotary): the
+    implementations under comparison and how to make their inputs. The four share the rest: the
+    comparison table (timed in turns by benchmarks/interleaved.py, ratios ours/baseline, GB/s,
+    saved-for-backward bytes), the pytest-benchmark step and the command line."""
 
-    from slmfast import backends
+    doc: str                        # the benchmark's module docstring; its first line heads --help
+    impls: dict[str, Callable]      # name -> fn(*inputs) returning the output(s); "slmfast" first
+    shapes: list[tuple]             # --quick runs the first only
+    dtypes: list[torch.dtype]
+    make_inputs: Callable           # (shape, dtype, device) -> inputs, the differentiable ones with grad
+    output_grads: Callable          # inputs -> the gradients of the outputs (a tensor or a tuple)
+    tensors_moved: dict[str, int]   # {"fwd": n, "bwd": n}: the fewest activation-sized tensors each
+                                    # pass must read and write (the GB/s column counts these bytes)
+    activation_elements: Callable = math.prod   # shape -> elements of one activation-sized tensor
+    shape_label: Callable = field(default=lambda shape: "x".join(str(n) for n in shape))
 
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--table", action="store_true", help="print the comparison table")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="first shape only")
-    parser.add_argument("--reps", type=int, default=15, help="timed reps per implementation and pass")
-    args = parser.parse_args()
-    print("backends: " + ", ".join(f"{s.name}={'yes' if s.available else 'no'}"
-                                   for s in backends.all_status()))
-    run_table(args.device, args.quick, args.reps)
+    def min_bytes(self, shape: tuple, dtype: torch.dtype) -> dict[str, int]:
+        """The bytes each pass must move at least: {"fwd", "bwd", "fwd+bwd"}."""
+        size = self.activation_elements(shape) * torch.finfo(dtype).bits // 8
+        forward, backward = self.tensors_moved["fwd"] * size, self.tensors_moved["bwd"] * size
+        return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}
+
+    def run_table(self, device: str, quick: bool, reps: int) -> None:
+        """Prints the environment, the copy bandwidth and the comparison table."""
+        from benchmarks import interleaved  # imported here: interleaved.py imports this file
+
+        print(environment(device))
+        print(f"copy bandwidth (read + write): {interleaved.copy_bandwidth(device) / 1e9:.1f} GB/s")
+        rows = []
+        for dtype in self.dtypes:
+            for shape in self.shapes[:1] if quick else self.shapes:
+                inputs = self.make_inputs(shape, dtype, device)
+                grads = self.output_grads(inputs)
+                times, saved = interleaved.measure_passes(self.impls, inputs, grads, device, reps)
+                label = {"dtype": str(dtype).replace("torch.", ""), "shape": self.shape_label(shape)}
+                rows += interleaved.ratio_rows(label, times, self.min_bytes(shape, dtype))
+                rows.append(interleaved.saved_row(label, saved))
+        interleaved.print_layer_table(rows)
+
+    def forward_backward_step(self, impl: str, dtype: torch.dtype, shape: tuple) -> Callable[[], None]:
+        """One forward+backward of `impl` on fresh inputs, for pytest-benchmark's `benchmark(step)`."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        inputs = self.make_inputs(shape, dtype, device)
+        grads = self.output_grads(inputs)
+
+        def step() -> None:
+            torch.autograd.backward(self.impls[impl](*inputs), grads)
+            for t in inputs:
+                if isinstance(t, torch.Tensor):
+                    t.grad = None
+            sync(device)
+
+        return step
+
+    def pytest_benchmark(self, shape: tuple) -> Callable:
+        """A pytest-benchmark test of one forward+backward on `shape` for every implementation and
+        dtype, to bind at module level: `test_<op>_fwd_bwd = BENCH.pytest_benchmark(SHAPES[0])`
+        (run with `pytest benchmarks/bench_<op>.py --benchmark-only`)."""
+        import pytest
+
+        @pytest.mark.parametrize("impl", list(self.impls))
+        @pytest.mark.parametrize("dtype", self.dtypes, ids=str)
+        def test_fwd_bwd(benchmark, impl, dtype):
+            benchmark(self.forward_backward_step(impl, dtype, shape))
+
+        return test_fwd_bwd
+
+    def main(self) -> None:
+        """The command line: --table [--device] [--quick] [--reps]."""
+        import argparse
+
+        from slmfast import backends
+
+        parser = argparse.ArgumentParser(description=self.doc.splitlines()[0])
+        parser.add_argument("--table", action="store_true", help="print the comparison table")
+        parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        parser.add_argument("--quick", action="store_true", help="first shape only")
+        parser.add_argument("--reps", type=int, default=15, help="timed reps per implementation and pass")
+        args = parser.parse_args()
+        print("backends: " + ", ".join(f"{s.name}={'yes' if s.available else 'no'}"
+                                       for s in backends.all_status()))
+        self.run_table(args.device, args.quick, args.reps)

@@ -304,10 +304,10 @@ def _try_fa3(b: Bench, batch, heads, t, d, dtype) -> str:
 def _layer_cases(dtype, dev, rows: int, width: int, inter: int, rot_shape: tuple, kernels: list[str],
                  compiled: bool) -> list[tuple]:
     """(op, shape label, inputs, {impl: fn}, bytes each pass must move, outputs with a gradient)."""
-    from benchmarks import bench_layer_norm, bench_rms_norm, bench_rotary, bench_swiglu
+    from benchmarks import bench_glu, bench_layer_norm, bench_rms_norm, bench_rotary
     from slmfast.functional import layer_norm, rms_norm, rotary
+    from slmfast.ops import glu as glu_op
     from slmfast.ops import layer_norm as layer_norm_op
-    from slmfast.ops import swiglu as swiglu_op
     from slmfast.ops.layer_norm import layer_norm_native
     from slmfast.ops.rms_norm import rms_norm_native
 
@@ -317,7 +317,7 @@ def _layer_cases(dtype, dev, rows: int, width: int, inter: int, rot_shape: tuple
         return {n: (lambda *a, n_=n: call(*a, backend=n_)) for n in names}
 
     def glu(activation):
-        return lambda g, u, backend: swiglu_op.glu(g, u, activation, backend=backend,
+        return lambda g, u, backend: glu_op.glu(g, u, activation, backend=backend,
                                                    op="swiglu" if activation == "silu" else "geglu")
 
     def with_compiled(impls, fn):
@@ -334,21 +334,21 @@ def _layer_cases(dtype, dev, rows: int, width: int, inter: int, rot_shape: tuple
               native=lambda x, w, bi, r: layer_norm_native(x, w, bi, 1e-5, r),
               eager=bench_layer_norm.eager_layer_norm)
     silu = dict(by_backend(glu("silu"), kernels), native=lambda g, u: glu("silu")(g, u, "torch"),
-                eager=bench_swiglu.eager_swiglu)
+                eager=bench_glu.eager_swiglu)
     gelu = dict(by_backend(glu("gelu_tanh"), kernels), native=lambda g, u: glu("gelu_tanh")(g, u, "torch"),
                 eager=lambda g, u: F.gelu(g, approximate="tanh") * u)
     rot = dict(by_backend(lambda q, k, c, s, backend: rotary(q, k, c, s, backend=backend), kernels),
                native=lambda q, k, c, s: rotary(q, k, c, s, backend="torch"), eager=bench_rotary.eager_rotary)
     return [
-        ("rms_norm", f"{rows}x{width} +residual", bench_rms_norm.make_inputs((rows, width), dtype, dev, True),
+        ("rms_norm", f"{rows}x{width} +residual", bench_rms_norm.make_inputs((rows, width), dtype, dev),
          with_compiled(rms, bench_rms_norm.compiled_rms_norm), {"fwd": 4 * x_bytes, "fwd+bwd": 8 * x_bytes},
          2),
         ("layer_norm", f"{rows}x{width} +residual", bench_layer_norm.make_inputs((rows, width), dtype, dev),
          with_compiled(ln, bench_layer_norm.compiled_layer_norm),
          {"fwd": 4 * x_bytes, "fwd+bwd": 8 * x_bytes}, 2),
-        ("swiglu", f"{rows}x{inter}", bench_swiglu.make_inputs((rows, inter), dtype, dev),
-         with_compiled(silu, bench_swiglu.compiled_swiglu), {"fwd": 3 * g_bytes, "fwd+bwd": 8 * g_bytes}, 1),
-        ("geglu", f"{rows}x{inter} tanh", bench_swiglu.make_inputs((rows, inter), dtype, dev), gelu,
+        ("swiglu", f"{rows}x{inter}", bench_glu.make_inputs((rows, inter), dtype, dev),
+         with_compiled(silu, bench_glu.compiled_swiglu), {"fwd": 3 * g_bytes, "fwd+bwd": 8 * g_bytes}, 1),
+        ("geglu", f"{rows}x{inter} tanh", bench_glu.make_inputs((rows, inter), dtype, dev), gelu,
          {"fwd": 3 * g_bytes, "fwd+bwd": 8 * g_bytes}, 1),
         ("rotary", f"B{bsz} T{t} H{hq}/{hkv} D{hd}", bench_rotary.make_inputs(rot_shape, dtype, dev),
          with_compiled(rot, bench_rotary.compiled_rotary), {"fwd": 2 * qk_bytes, "fwd+bwd": 4 * qk_bytes}, 2),

@@ -1,5 +1,5 @@
 """Interleaved timing for the fused-layer benchmarks (bench_rms_norm, bench_layer_norm,
-bench_swiglu, bench_rotary): the implementations under comparison run in turns, rep after rep,
+bench_glu, bench_rotary): the implementations under comparison run in turns, rep after rep,
 so that load from other processes on a shared machine hits them alike; each figure is the median
 of its reps. Also the saved-for-backward bytes of each (slmfast.recompute.measure) and the row
 formatting the four share.

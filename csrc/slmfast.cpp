@@ -40,7 +40,7 @@ TORCH_LIBRARY(slmfast, m) {
         " -> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
   m.def("layer_norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor weight, Tensor mean, Tensor rstd)"
         " -> (Tensor dx, Tensor dweight, Tensor dbias)");
-  // glu (slmfast/ops/swiglu.py): out = act(gate) * up, act in {"silu", "gelu", "gelu_tanh"}.
+  // glu (slmfast/ops/glu.py): out = act(gate) * up, act in {"silu", "gelu", "gelu_tanh"}.
   // The backward recomputes act(gate); with recompute=True it also returns out (else empty).
   m.def("glu_fwd(Tensor gate, Tensor up, str activation) -> Tensor");
   m.def("glu_bwd(Tensor dout, Tensor gate, Tensor up, str activation, bool recompute)"

@@ -8,13 +8,13 @@ from slmfast.ops.distill_loss import (
     sampled_distill_loss,
     topk_distill_loss,
 )
+from slmfast.ops.glu import geglu, swiglu
 from slmfast.ops.glu_linear import glu_linear
 from slmfast.ops.layer_norm import layer_norm
 from slmfast.ops.linear_cross_entropy import linear_cross_entropy
 from slmfast.ops.norm_linear import rms_norm_linear
 from slmfast.ops.rms_norm import rms_norm
 from slmfast.ops.rotary import rotary
-from slmfast.ops.swiglu import geglu, swiglu
 
 __all__ = ["attention", "scaled_dot_product_attention",
            "cross_entropy", "distill_loss", "distill_loss_from_logits", "linear_cross_entropy",

@@ -310,7 +310,7 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="py
 <testcase classname="tests.ops.test_gpu_realistic" name="test_attention[triton-1x16x4096xD128-causal-bf16]"/>
 <testcase classname="tests.ops.test_nonfinite"
   name="test_nonfinite_input[linear_cross_entropy-triton-float32-x]"/>
-<testcase classname="tests.ops.test_swiglu" name="test_matches_fp64_reference[cuda-x]">
+<testcase classname="tests.ops.test_glu" name="test_matches_fp64_reference[cuda-x]">
   <skipped message="no cuda"/></testcase>
 </testsuite></testsuites>"""
 

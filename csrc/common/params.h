@@ -135,7 +135,7 @@ struct LayerNormBwdParams {
   DType weight_dtype;
 };
 
-// Gated linear units (slmfast/ops/swiglu.py): out = act(gate) * up, elementwise over n
+// Gated linear units (slmfast/ops/glu.py): out = act(gate) * up, elementwise over n
 // contiguous elements. act: silu (SwiGLU), gelu with erf or tanh (GeGLU). Saved for backward:
 // gate and up; the backward recomputes act(gate) and act'(gate), and optionally out itself
 // (for the weight gradient of the projection that consumed it, which then need not store it).

@@ -1,5 +1,5 @@
 // glu.cpp — the CPU op slmfast::glu_fwd / glu_bwd (SwiGLU, GeGLU; schemas in csrc/slmfast.cpp,
-// contract in slmfast/ops/swiglu.py): checks the arguments and allocates the outputs
+// contract in slmfast/ops/glu.py): checks the arguments and allocates the outputs
 // (csrc/common/glu_args.h), then runs the vectorized kernel of the chosen capability
 // (csrc/cpu/kernels/glu.cpp, through kernel_table.h).
 #include <ATen/ATen.h>

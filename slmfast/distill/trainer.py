@@ -1,16 +1,19 @@
 """The training loop for distillation and pretraining: one plain function, `train(config)`.
 
-In the gpt-fast / torchtitan spirit, everything is explicit and in order:
+In the gpt-fast / torchtitan spirit, everything is explicit and in order; `train` reads top to
+bottom and calls one function per stage:
   set-up   process group -> seeds -> data (tokenized once) -> teacher (frozen) or teacher cache ->
            student (config, teacher layers, or checkpoint) -> recompute policy -> DDP/FSDP ->
-           torch.compile -> AdamW -> resume state                       (slmfast/distill/setup.py)
+           torch.compile -> AdamW -> resume state           (_set_up, on slmfast/distill/setup.py)
   step     lr from the schedule -> the step's micro-batches -> their predicting-token count,
            all-reduced (the loss normalizer) -> per micro-batch: teacher hidden states (or
            cached top-k), forward + loss under autocast, backward (gradient sync on the last
-           only) -> global loss all-reduced -> non-finite check -> clip -> AdamW step
-  around   evaluation every eval_every steps, JSONL/TensorBoard logs and a tqdm bar on rank 0,
-           atomic checkpoints every ckpt_every steps and at the end, on Ctrl-C (SIGINT), and
-           after max_nonfinite non-finite losses in a row.
+           only) -> global loss all-reduced -> non-finite check -> clip -> AdamW step (_train_step)
+  around   evaluation every eval_every steps (_evaluate), JSONL/TensorBoard logs and a tqdm bar on
+           rank 0, atomic checkpoints (_save_checkpoint) every ckpt_every steps and at the end, on
+           Ctrl-C (SIGINT), and after max_nonfinite non-finite losses in a row (_status_after_step).
+What set-up builds is one _Run record and where the run stands one _Progress record; neither has
+behaviour of its own.
 Schedule: linear warmup to optim.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at
 the last step (Loshchilov & Hutter 2017, without restarts).
 Exact resume: the data position is a function of the step, the schedule is a function of the
@@ -27,12 +30,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from slmfast.distill import distributed as D
-from slmfast.distill import setup as S
+from slmfast.distill import distributed, setup
 from slmfast.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from slmfast.distill.config import ConfigError, DistillConfig
 from slmfast.distill.runlog import RunLog, format_table, human, human_bytes, read_log
@@ -67,12 +70,12 @@ class RunResult:
 
 def lr_at(step: int, config: DistillConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine decay."""
-    o, total = config.optim, config.train.steps
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    optim, total = config.optim, config.train.steps
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * cosine)
+    return optim.lr * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine)
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -95,7 +98,7 @@ class _StopFlag:
     """SIGINT sets a flag the loop checks between steps (a second Ctrl-C interrupts at once)."""
 
     def __init__(self):
-        self.set = False
+        self.pressed = False
         self._previous = None
 
     def __enter__(self):
@@ -106,9 +109,9 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.set:
+        if self.pressed:
             raise KeyboardInterrupt
-        self.set = True
+        self.pressed = True
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -121,303 +124,403 @@ def train(config: DistillConfig, mode: str = "distill", *, should_stop: Callable
     is polled after every step (as Ctrl-C is): True checkpoints and returns. With
     `measure_activations`, the bytes saved for backward by one micro-batch are reported."""
     config.validate(mode)
-    env = D.init(config.device)
+    env = distributed.init(config.device)
     try:
-        run = _Run(config, mode, env, log if log is not None else print)
-        return run.loop(should_stop, measure_activations)
-    finally:
-        D.shutdown(env)
-
-
-class _Run:
-    """One run's set-up and state; `loop` is the loop."""
-
-    def __init__(self, config: DistillConfig, mode: str, env: D.Env, log):
-        self.config, self.mode, self.env = config, mode, env
-        self.say = log if env.is_main else (lambda *a, **k: None)
-        tr = self.tr = config.train
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        if tr.batch_size % env.world:
-            raise ConfigError(f"train.batch_size ({tr.batch_size}) must be a multiple of the number of "
-                              f"processes ({env.world})")
-        self.out = Path(config.out_dir)
-        if env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.toml", config.to_toml())
-        seed_everything(config.seed)
-
-        self.d = S.setup_data(config, env, self.say)
-        self.teacher, self.cache = S.setup_teacher(config, env, self.d, mode, self.say)
-        self.resume_path = latest_checkpoint(self.out) if tr.resume else None
-        if tr.resume and self.resume_path is None:
-            self.say(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
-        resume = load_checkpoint(self.resume_path) if self.resume_path is not None else None
-        if resume is not None:
-            self._check_resumable(resume["state"])
-        self.student = S.build_student(config, self.d.data.vocab_size, self.teacher, resume, self.say)
-        self.student.to(env.device)
-        self.num_params = sum(p.numel() for p in self.student.parameters())
-        self.say(f"student: {self.num_params:,} parameters ({self.student.config.num_layers} layers x "
-                 f"{self.student.config.hidden_size})")
-        S.apply_recompute(self.student, tr.recompute)
-        self.step_module = StepModule(self.student, config.loss)
-        self.sync_target = D.wrap(self.step_module, self.student.model.layers, env, tr.parallel)
-        self.wrapped = self.sync_target
-        if tr.compile:
-            self.wrapped = torch.compile(self.sync_target, backend=tr.compile_backend)
-        self.optimizer = S.build_optimizer(self.step_module, config, self.say)
-
-        self.step, self.tokens, self.nonfinite, self.streak = 0, 0, 0, 0
-        if resume is not None:
-            S.load_optimizer(self.optimizer, self.step_module, resume["optimizer"], env, tr.parallel)
-            set_rng_state(resume["rng"])
-            st = resume["state"]
-            self.step, self.tokens = st["step"], st["tokens"]
-            self.nonfinite, self.streak = st["nonfinite"], st["nonfinite_streak"]
-            self.say(f"resume: continuing from {self.resume_path} (step {self.step}, {self.tokens:,} tokens)")
-        self.start_step = self.step
-        self.autocast = autocast_context(tr.precision, env.device)
-        self.runlog = None
-        if env.is_main:
-            resume_step = self.step if resume is not None else None
-            self.runlog = RunLog(self.out, resume_step=resume_step, log=self.say)
-        self.tokens_per_step = tr.batch_size * tr.grad_accum * config.data.seq_len
-        self.local_b = tr.batch_size // env.world
-        self.tok_json = self.d.tokenizer.to_str()
-        self.teacher_eval: dict | None = None
-        self._val_teacher: dict[int, tuple] = {}       # per eval batch: hidden, argmax, CE sum
-
-    def _check_resumable(self, st: dict) -> None:
-        data = self.d.data
-        for key, ours in (("tokenizer_sha256", data.tokenizer_sha256), ("data_id", data.data_id),
-                          ("parallel_format", "fsdp" if S.sharded(self.env, self.tr.parallel) else "plain")):
-            if st.get(key) != ours:
-                raise ValueError(f"resume: checkpoint {self.resume_path} was written with a different {key} "
-                                 f"({st.get(key)!r} vs {ours!r}); cannot continue it exactly")
-
-    # ---- batches --------------------------------------------------------------------------------------
-    def _rank_slice(self, ids: np.ndarray) -> np.ndarray:
-        return ids[self.env.rank * self.local_b:(self.env.rank + 1) * self.local_b]
-
-    def micro_batches(self, step: int):
-        tr = self.tr
-        for m in range(tr.grad_accum):
-            ids = self.d.sampler.take((step * tr.grad_accum + m) * tr.batch_size, tr.batch_size)   # (B,)
-            yield self.d.train.batch(self._rank_slice(ids))
-
-    def teacher_inputs(self, batch) -> dict:
-        device = self.env.device
-        if self.cache is not None:
-            return self.cache.inputs(batch.windows, device)          # top-k or sampled (distill/cache.py)
-        if self.teacher is not None:
-            th = self.teacher.hidden(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)   # (N, Ht)
-            tb = self.teacher.output_bias
-            return {"teacher_hidden": th.to(device), "teacher_weight": self.teacher.output_weight.to(device),
-                    "teacher_bias": tb.to(device) if tb is not None else None}
-        return {}
-
-    # ---- evaluation -----------------------------------------------------------------------------------
-    def evaluate(self) -> dict:
-        """Validation loss/perplexity, and against a live teacher KL(t||s) and top-1 agreement, on the
-        eval_batches x batch_size validation sequences spread over the split (the same every time)."""
-        from slmfast.models.llama import shift_labels
-
-        env, tr, teacher = self.env, self.tr, self.teacher
-        self.wrapped.eval()
-        sums = torch.zeros(len(EVAL_FIELDS), dtype=torch.float64, device=env.device)
-        teacher_ce = 0.0
-        with torch.no_grad():
-            for i in range(self.d.eval_batches):
-                ids = self.d.val_windows[i * tr.batch_size:(i + 1) * tr.batch_size]             # (B,)
-                batch = self.d.val.batch(self._rank_slice(ids)).to(env.device)
-                targets = shift_labels(batch.input_ids, batch.cu_seqlens)                      # (N,)
-                kw = {}
-                if teacher is not None:
-                    if i not in self._val_teacher:        # the teacher's side never changes: once
-                        th = teacher.hidden(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)   # (N, Ht)
-                        th = th.to(env.device)
-                        ce, top1 = teacher_stats(th, teacher.output_weight.to(env.device),
-                                                 teacher.output_bias, targets, self.d.data.vocab_size)
-                        self._val_teacher[i] = (th, top1, ce)
-                    th, top1, ce = self._val_teacher[i]
-                    teacher_ce += ce
-                    kw = {"teacher_hidden": th, "teacher_weight": teacher.output_weight.to(env.device),
-                          "teacher_bias": teacher.output_bias, "teacher_top1": top1}
-                with self.autocast():
-                    sums += self.wrapped(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, targets,
-                                         mode="eval", **kw)
-        sums = torch.cat([sums, torch.tensor([teacher_ce], dtype=torch.float64, device=env.device)])
-        D.all_reduce_sum(sums, env)
-        self.wrapped.train()
-        s = dict(zip(EVAL_FIELDS + ("teacher_ce_sum",), sums.tolist()))
-        n = max(s["count"], 1.0)
-        row = {"step": self.step, "tokens": self.tokens, "val_loss": s["ce_sum"] / n,
-               "val_ppl": math.exp(min(s["ce_sum"] / n, 50.0)), "val_tokens": int(s["count"])}
-        if teacher is not None:
-            row.update(kl=s["kl_sum"] / n, top1_agreement=s["top1_sum"] / n)
-            if self.teacher_eval is None:
-                loss = s["teacher_ce_sum"] / n
-                self.teacher_eval = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
-                self.say(f"eval: teacher val loss {loss:.4f} (ppl {self.teacher_eval['val_ppl']:.2f})")
-        if self.runlog is not None:
-            self.runlog.write({"step": self.step, "tokens": self.tokens,
-                               "eval": {k: v for k, v in row.items() if k not in ("step", "tokens")}})
-        return row
-
-    # ---- checkpoints ----------------------------------------------------------------------------------
-    def checkpoint(self) -> Path | None:
-        env, tr = self.env, self.tr
-        model_state, optim_state = S.gather_state(self.step_module, self.optimizer, env, tr.parallel)
-        path = None
-        if env.is_main:
-            state = {"step": self.step, "tokens": self.tokens, "nonfinite": self.nonfinite,
-                     "nonfinite_streak": self.streak, "samples": self.step * tr.batch_size * tr.grad_accum,
-                     "data_id": self.d.data.data_id, "tokenizer_sha256": self.d.data.tokenizer_sha256,
-                     "parallel_format": "fsdp" if S.sharded(env, tr.parallel) else "plain",
-                     "world_size": env.world, "mode": self.mode}
-            path = save_checkpoint(self.out, self.step, model_state=model_state,
-                                   model_config=self.student.config, optimizer_state=optim_state,
-                                   trainer_state=state, tokenizer_json=self.tok_json, keep_last=tr.keep_last)
-        D.barrier(env)
-        return path
-
-    # ---- one optimizer step ---------------------------------------------------------------------------
-    def train_step(self, stop_requested: bool) -> tuple[float, float, float, bool]:
-        """(global loss, grad norm, lr, stop requested on any rank) of one optimizer step."""
-        from slmfast.models.llama import shift_labels
-
-        env, tr = self.env, self.tr
-        lr = lr_at(self.step, self.config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        batches = list(self.micro_batches(self.step))
-        count = torch.tensor([sum(b.num_targets for b in batches)], dtype=torch.float64, device=env.device)
-        num_items = int(D.all_reduce_sum(count, env).item())         # the loss normalizer: global tokens
-        loss_sum = torch.zeros((), dtype=torch.float32, device=env.device)
-        for m, batch in enumerate(batches):
-            batch = batch.to(env.device)
-            targets = shift_labels(batch.input_ids, batch.cu_seqlens)                           # (N,)
-            kw = self.teacher_inputs(batch)
-            with D.grad_sync_context(self.sync_target, env, tr.parallel, sync=(m == len(batches) - 1)):
-                with self.autocast():
-                    loss = self.wrapped(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, targets,
-                                        num_items, **kw)
-                # DDP/FSDP average gradients over ranks; the loss is this rank's share of the global sum.
-                (loss * env.world if env.world > 1 else loss).backward()
-            loss_sum += loss.detach().float()
-        flags = torch.stack([loss_sum, torch.tensor(float(stop_requested), device=env.device)])
-        D.all_reduce_sum(flags, env)
-        global_loss, grad_norm = float(flags[0]), float("nan")
-        finite = math.isfinite(global_loss)
-        if finite:
-            params = [p for p in self.step_module.parameters() if p.grad is not None]
-            clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            finite = math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            self.streak = 0
-        else:
-            self.nonfinite += 1
-            self.streak += 1
-            what = "loss" if not math.isfinite(global_loss) else "gradient"
-            self.say(f"step {self.step + 1}: non-finite {what}; step skipped ({self.streak} in a row, "
-                     f"{self.nonfinite} in all)")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens += self.tokens_per_step
-        return global_loss, grad_norm, lr, bool(flags[1].item() > 0)
-
-    # ---- the loop ---------------------------------------------------------------------------------------
-    def loop(self, should_stop, measure_activations: bool) -> RunResult:
-        from tqdm import tqdm
-
-        env, tr = self.env, self.tr
-        act_bytes = self.measure_activation_bytes() if measure_activations else None
+        say = (log if log is not None else print) if env.is_main else _say_nothing
+        run, progress, resume_path = _set_up(config, mode, env, say)
+        settings = config.train
+        activation_bytes = _measure_activation_bytes(run, progress) if measure_activations else None
         losses, evals = [], []
-        if self.resume_path is not None and env.is_main:
-            evals = [dict(r["eval"], step=r["step"], tokens=r["tokens"])
-                     for r in read_log(self.out) if "eval" in r]
-        status, last_ckpt = "completed", self.resume_path
-        train_time, window_tokens, window_time = 0.0, 0, 0.0
-        bar = tqdm(total=tr.steps, initial=self.step, disable=not (env.is_main and tr.progress), unit="step",
-                   dynamic_ncols=True, desc=self.mode)
-        if tr.eval_every and self.step == 0:          # the starting point of the validation curve
-            evals.append(self.evaluate())
-        self.wrapped.train()
-        with _StopFlag() as stop:
-            while self.step < tr.steps:
-                t0 = time.perf_counter()
-                loss, grad_norm, lr, stop_now = self.train_step(stop.set)
-                losses.append(loss)
-                dt = time.perf_counter() - t0
-                train_time += dt
-                window_time += dt
-                window_tokens += self.tokens_per_step
+        if resume_path is not None and env.is_main:     # the validation curve so far, from the log
+            evals = [dict(record["eval"], step=record["step"], tokens=record["tokens"])
+                     for record in read_log(run.out_dir) if "eval" in record]
+        status, last_checkpoint = "completed", resume_path
+        start_step = progress.step
+        train_seconds, window_tokens, window_seconds = 0.0, 0, 0.0
+        bar = _progress_bar(run, progress)
+        if settings.eval_every and progress.step == 0:   # the starting point of the validation curve
+            evals.append(_evaluate(run, progress))
+        run.model.train()
+        with _StopFlag() as ctrl_c:
+            while progress.step < settings.steps:
+                started = time.perf_counter()
+                outcome = _train_step(run, progress, ctrl_c.pressed)
+                losses.append(outcome.loss)
+                seconds = time.perf_counter() - started
+                train_seconds += seconds
+                window_seconds += seconds
+                window_tokens += run.tokens_per_step
                 bar.update(1)
-                step = self.step
-                if self.runlog is not None and (step % tr.log_every == 0 or step == tr.steps):
-                    tps = window_tokens / max(window_time, 1e-9)
-                    self.runlog.write({"step": step, "tokens": self.tokens, "loss": loss, "lr": lr,
-                                       "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": train_time})
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=human(tps), refresh=False)
-                    window_tokens, window_time = 0, 0.0
-                if tr.eval_every and step % tr.eval_every == 0 and step < tr.steps:
-                    evals.append(self.evaluate())
-                stop_now = stop_now or (should_stop is not None and should_stop(step))
-                if self.streak >= tr.max_nonfinite:
-                    status = "nonfinite"
-                    self.say(f"stopping: {self.streak} non-finite losses in a row (lower optim.lr, or check "
-                             "the data); writing a checkpoint of the last good state")
-                elif stop_now:
-                    status = "interrupted"
-                elif tr.max_tokens and self.tokens >= tr.max_tokens:
-                    status = "max_tokens"
-                if status != "completed" or (tr.ckpt_every and step % tr.ckpt_every == 0 and step < tr.steps):
-                    last_ckpt = self.checkpoint()
+                step = progress.step
+                if run.runlog is not None and (step % settings.log_every == 0 or step == settings.steps):
+                    tokens_per_s = window_tokens / max(window_seconds, 1e-9)
+                    run.runlog.write({"step": step, "tokens": progress.tokens, "loss": outcome.loss,
+                                      "lr": outcome.lr, "grad_norm": outcome.grad_norm,
+                                      "tokens_per_s": tokens_per_s, "elapsed_s": train_seconds})
+                    bar.set_postfix(loss=f"{outcome.loss:.3f}", tok_s=human(tokens_per_s), refresh=False)
+                    window_tokens, window_seconds = 0, 0.0
+                if settings.eval_every and step % settings.eval_every == 0 and step < settings.steps:
+                    evals.append(_evaluate(run, progress))
+                stop_asked = outcome.stop_requested or (should_stop is not None and should_stop(step))
+                status = _status_after_step(run, progress, stop_asked)
+                periodic = settings.ckpt_every and step % settings.ckpt_every == 0 and step < settings.steps
+                if status != "completed" or periodic:
+                    last_checkpoint = _save_checkpoint(run, progress)
                     if status == "interrupted":
-                        self.say(f"interrupted at step {step}: checkpoint {last_ckpt}; continue with "
-                                 "--train.resume true")
+                        say(f"interrupted at step {step}: checkpoint {last_checkpoint}; continue with "
+                            "--train.resume true")
                 if status != "completed":
                     break
         bar.close()
 
         final_dir = None
         if status in ("completed", "max_tokens"):
-            evals.append(self.evaluate())
-            last_ckpt = self.checkpoint()
-            if tr.save_final:
-                final_dir = S.save_final(self.step_module, self.student, self.optimizer, env, tr.parallel,
-                                         self.out / "final", self.tok_json)
-        if self.runlog is not None:
-            self.runlog.close()
+            evals.append(_evaluate(run, progress))
+            last_checkpoint = _save_checkpoint(run, progress)
+            if settings.save_final:
+                final_dir = setup.save_final(run.step_module, run.student, run.optimizer, env,
+                                             settings.parallel, run.out_dir / "final", run.tokenizer_json)
+        if run.runlog is not None:
+            run.runlog.close()
         result = RunResult(
-            out_dir=self.out, status=status, steps=self.step, tokens=self.tokens, train_seconds=train_time,
-            tokens_per_s=(self.step - self.start_step) * self.tokens_per_step / max(train_time, 1e-9),
-            losses=losses, evals=evals, teacher_eval=self.teacher_eval, nonfinite=self.nonfinite,
-            activation_bytes=act_bytes, num_parameters=self.num_params, checkpoint=last_ckpt,
-            final_dir=final_dir, data_dir=self.d.data.directory, device=str(env.device),
-            model=None if S.sharded(env, tr.parallel) else self.student)
-        self.say(summary_table(result, self.mode))
+            out_dir=run.out_dir, status=status, steps=progress.step, tokens=progress.tokens,
+            train_seconds=train_seconds,
+            tokens_per_s=(progress.step - start_step) * run.tokens_per_step / max(train_seconds, 1e-9),
+            losses=losses, evals=evals, teacher_eval=run.teacher_on_val.summary, nonfinite=progress.nonfinite,
+            activation_bytes=activation_bytes, num_parameters=run.num_parameters, checkpoint=last_checkpoint,
+            final_dir=final_dir, data_dir=run.data.data.directory, device=str(env.device),
+            model=None if setup.sharded(env, settings.parallel) else run.student)
+        say(summary_table(result, mode))
         return result
+    finally:
+        distributed.shutdown(env)
 
-    def measure_activation_bytes(self) -> int:
-        """Bytes the autograd graph of one micro-batch holds for backward (parameters and inputs
-        excluded), counted by slmfast.recompute.measure.activation_bytes, which also sees what a
-        recompute policy (train.recompute) keeps outside autograd's saved-tensor hooks."""
-        from slmfast.models.llama import shift_labels
-        from slmfast.recompute.measure import activation_bytes
 
-        batch = next(self.micro_batches(self.step)).to(self.env.device)
-        inputs = dict(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
-                      targets=shift_labels(batch.input_ids, batch.cu_seqlens), num_items=batch.num_targets,
-                      **self.teacher_inputs(batch))
-        with self.autocast():
-            counted = activation_bytes(self.step_module, list(self.student.model.layers), inputs,
-                                       loss_fn=lambda loss: loss)
-        return counted.total
+def _say_nothing(*args, **kwargs) -> None:
+    """What `say` is on ranks other than 0: only rank 0 prints."""
+
+
+@dataclass
+class _Progress:
+    """Where the run stands after its last step; a checkpoint stores it and a resume restores it."""
+
+    step: int = 0                   # optimizer steps done
+    tokens: int = 0                 # tokens trained on (all ranks)
+    nonfinite: int = 0              # steps skipped for a non-finite loss or gradient, in all
+    nonfinite_streak: int = 0       # the same, in a row up to the last step
+
+
+@dataclass
+class _TeacherOnValidation:
+    """The teacher's side of evaluation, which never changes during a run: computed once."""
+
+    batches: dict[int, tuple] = field(default_factory=dict)   # eval batch -> (hidden, argmax, CE sum)
+    summary: dict | None = None                               # its val loss and perplexity
+
+
+@dataclass
+class _Run:
+    """What the set-up builds and every step uses (no behaviour of its own: the functions below)."""
+
+    config: DistillConfig
+    mode: str
+    env: distributed.Env
+    say: Callable[[str], None]
+    out_dir: Path
+    data: setup.RunData
+    teacher: object | None          # a live teacher (distill/teacher.py) or None
+    cache: object | None            # a teacher-logit cache (distill/cache.py) or None
+    student: torch.nn.Module
+    num_parameters: int
+    step_module: StepModule         # student + loss
+    sync_target: torch.nn.Module    # step_module under DDP/FSDP (itself on one process)
+    model: torch.nn.Module          # sync_target, or its torch.compile
+    optimizer: torch.optim.Optimizer
+    autocast: Callable              # () -> the context the forward runs under
+    runlog: RunLog | None           # rank 0 only
+    tokens_per_step: int
+    local_batch_size: int           # this rank's share of train.batch_size
+    tokenizer_json: str
+    teacher_on_val: _TeacherOnValidation = field(default_factory=_TeacherOnValidation)
+
+
+def _set_up(config: DistillConfig, mode: str, env: distributed.Env,
+            say) -> tuple[_Run, _Progress, Path | None]:
+    """Everything before the first step, in order: output directory, seeds, data, teacher,
+    resume checkpoint, student, recompute policy, DDP/FSDP, torch.compile, optimizer, restored
+    state, run log. Returns the run, its progress and the checkpoint it resumes from (or None)."""
+    settings = config.train
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if settings.batch_size % env.world:
+        raise ConfigError(f"train.batch_size ({settings.batch_size}) must be a multiple of the number of "
+                          f"processes ({env.world})")
+    out_dir = Path(config.out_dir)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.toml", config.to_toml())
+    seed_everything(config.seed)
+
+    data = setup.setup_data(config, env, say)
+    teacher, cache = setup.setup_teacher(config, env, data, mode, say)
+    resume_path = latest_checkpoint(out_dir) if settings.resume else None
+    if settings.resume and resume_path is None:
+        say(f"resume: no checkpoint in {out_dir / 'checkpoints'}; starting from scratch")
+    resume = load_checkpoint(resume_path) if resume_path is not None else None
+    if resume is not None:
+        _check_resumable(resume["state"], resume_path, data, env, settings.parallel)
+    student = setup.build_student(config, data.data.vocab_size, teacher, resume, say)
+    student.to(env.device)
+    num_parameters = sum(param.numel() for param in student.parameters())
+    say(f"student: {num_parameters:,} parameters ({student.config.num_layers} layers x "
+        f"{student.config.hidden_size})")
+    setup.apply_recompute(student, settings.recompute)
+    step_module = StepModule(student, config.loss)
+    sync_target = distributed.wrap(step_module, student.model.layers, env, settings.parallel)
+    model = torch.compile(sync_target, backend=settings.compile_backend) if settings.compile else sync_target
+    optimizer = setup.build_optimizer(step_module, config, say)
+
+    progress = _Progress()
+    if resume is not None:
+        setup.load_optimizer(optimizer, step_module, resume["optimizer"], env, settings.parallel)
+        set_rng_state(resume["rng"])
+        state = resume["state"]
+        progress = _Progress(step=state["step"], tokens=state["tokens"], nonfinite=state["nonfinite"],
+                             nonfinite_streak=state["nonfinite_streak"])
+        say(f"resume: continuing from {resume_path} (step {progress.step}, {progress.tokens:,} tokens)")
+    runlog = None
+    if env.is_main:
+        runlog = RunLog(out_dir, resume_step=progress.step if resume is not None else None, log=say)
+    run = _Run(config=config, mode=mode, env=env, say=say, out_dir=out_dir, data=data, teacher=teacher,
+               cache=cache, student=student, num_parameters=num_parameters, step_module=step_module,
+               sync_target=sync_target, model=model, optimizer=optimizer,
+               autocast=autocast_context(settings.precision, env.device), runlog=runlog,
+               tokens_per_step=settings.batch_size * settings.grad_accum * config.data.seq_len,
+               local_batch_size=settings.batch_size // env.world, tokenizer_json=data.tokenizer.to_str())
+    return run, progress, resume_path
+
+
+def _check_resumable(state: dict, path: Path, data: setup.RunData, env: distributed.Env,
+                     parallel: str) -> None:
+    """A checkpoint continues exactly only with the same tokenizer, data and parameter layout."""
+    layout = "fsdp" if setup.sharded(env, parallel) else "plain"
+    for key, ours in (("tokenizer_sha256", data.data.tokenizer_sha256), ("data_id", data.data.data_id),
+                      ("parallel_format", layout)):
+        if state.get(key) != ours:
+            raise ValueError(f"resume: checkpoint {path} was written with a different {key} "
+                             f"({state.get(key)!r} vs {ours!r}); cannot continue it exactly")
+
+
+def _progress_bar(run: _Run, progress: _Progress):
+    from tqdm import tqdm
+
+    settings = run.config.train
+    shown = run.env.is_main and settings.progress
+    return tqdm(total=settings.steps, initial=progress.step, disable=not shown, unit="step",
+                dynamic_ncols=True, desc=run.mode)
+
+
+# ---- batches ------------------------------------------------------------------------------------------
+
+def _this_ranks_share(run: _Run, windows: np.ndarray) -> np.ndarray:
+    """This rank's slice of a global batch of window indices."""
+    start = run.env.rank * run.local_batch_size
+    return windows[start:start + run.local_batch_size]
+
+
+def _micro_batches(run: _Run, step: int):
+    """The grad_accum micro-batches of optimizer step `step` (a function of the step alone)."""
+    settings = run.config.train
+    for micro in range(settings.grad_accum):
+        first = (step * settings.grad_accum + micro) * settings.batch_size
+        windows = run.data.sampler.take(first, settings.batch_size)                      # (B,)
+        yield run.data.train.batch(_this_ranks_share(run, windows))
+
+
+def _teacher_inputs(run: _Run, batch) -> dict:
+    """The teacher's side of the loss for `batch`: cached top-k or samples, a live teacher's
+    hidden states and output layer, or nothing (pretraining)."""
+    device = run.env.device
+    if run.cache is not None:
+        return run.cache.inputs(batch.windows, device)          # top-k or sampled (distill/cache.py)
+    if run.teacher is not None:
+        hidden = run.teacher.hidden(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)   # (N, Ht)
+        bias = run.teacher.output_bias
+        return {"teacher_hidden": hidden.to(device), "teacher_weight": run.teacher.output_weight.to(device),
+                "teacher_bias": bias.to(device) if bias is not None else None}
+    return {}
+
+
+# ---- one optimizer step -------------------------------------------------------------------------------
+
+class _StepOutcome(NamedTuple):
+    loss: float                 # the global loss (all ranks, all micro-batches)
+    grad_norm: float            # before clipping; nan when the loss was not finite
+    lr: float
+    stop_requested: bool        # Ctrl-C on any rank
+
+
+def _train_step(run: _Run, progress: _Progress, stop_requested: bool) -> _StepOutcome:
+    """One optimizer step: lr from the schedule, forward and backward of each micro-batch over the
+    global token count, the global loss, the non-finite check, clipping, AdamW."""
+    from slmfast.models.llama import shift_labels
+
+    env, settings = run.env, run.config.train
+    lr = lr_at(progress.step, run.config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    batches = list(_micro_batches(run, progress.step))
+    local_targets = sum(batch.num_targets for batch in batches)
+    count = torch.tensor([local_targets], dtype=torch.float64, device=env.device)
+    num_items = int(distributed.all_reduce_sum(count, env).item())   # the loss normalizer: global tokens
+    loss_sum = torch.zeros((), dtype=torch.float32, device=env.device)
+    for index, batch in enumerate(batches):
+        batch = batch.to(env.device)
+        targets = shift_labels(batch.input_ids, batch.cu_seqlens)                         # (N,)
+        teacher_inputs = _teacher_inputs(run, batch)
+        last = index == len(batches) - 1
+        with distributed.grad_sync_context(run.sync_target, env, settings.parallel, sync=last):
+            with run.autocast():
+                loss = run.model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, targets,
+                                 num_items, **teacher_inputs)
+            # DDP/FSDP average gradients over ranks; the loss is this rank's share of the global sum.
+            (loss * env.world if env.world > 1 else loss).backward()
+        loss_sum += loss.detach().float()
+    flags = torch.stack([loss_sum, torch.tensor(float(stop_requested), device=env.device)])
+    distributed.all_reduce_sum(flags, env)
+    global_loss, grad_norm = float(flags[0]), float("nan")
+    finite = math.isfinite(global_loss)
+    if finite:
+        params = [param for param in run.step_module.parameters() if param.grad is not None]
+        clip = run.config.optim.grad_clip if run.config.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        finite = math.isfinite(grad_norm)
+    if finite:
+        run.optimizer.step()
+        progress.nonfinite_streak = 0
+    else:
+        progress.nonfinite += 1
+        progress.nonfinite_streak += 1
+        what = "loss" if not math.isfinite(global_loss) else "gradient"
+        run.say(f"step {progress.step + 1}: non-finite {what}; step skipped ({progress.nonfinite_streak} "
+                f"in a row, {progress.nonfinite} in all)")
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.step += 1
+    progress.tokens += run.tokens_per_step
+    return _StepOutcome(global_loss, grad_norm, lr, bool(flags[1].item() > 0))
+
+
+def _status_after_step(run: _Run, progress: _Progress, stop_asked: bool) -> str:
+    """"completed" to go on; else why the run stops now: too many non-finite steps in a row,
+    Ctrl-C or should_stop, or train.max_tokens reached."""
+    settings = run.config.train
+    if progress.nonfinite_streak >= settings.max_nonfinite:
+        run.say(f"stopping: {progress.nonfinite_streak} non-finite losses in a row (lower optim.lr, or "
+                "check the data); writing a checkpoint of the last good state")
+        return "nonfinite"
+    if stop_asked:
+        return "interrupted"
+    if settings.max_tokens and progress.tokens >= settings.max_tokens:
+        return "max_tokens"
+    return "completed"
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+
+def _evaluate(run: _Run, progress: _Progress) -> dict:
+    """Validation loss/perplexity, and against a live teacher KL(t||s) and top-1 agreement, on the
+    eval_batches x batch_size validation sequences spread over the split (the same every time)."""
+    from slmfast.models.llama import shift_labels
+
+    env, batch_size, teacher = run.env, run.config.train.batch_size, run.teacher
+    run.model.eval()
+    sums = torch.zeros(len(EVAL_FIELDS), dtype=torch.float64, device=env.device)
+    teacher_ce = 0.0
+    with torch.no_grad():
+        for index in range(run.data.eval_batches):
+            windows = run.data.val_windows[index * batch_size:(index + 1) * batch_size]      # (B,)
+            batch = run.data.val.batch(_this_ranks_share(run, windows)).to(env.device)
+            targets = shift_labels(batch.input_ids, batch.cu_seqlens)                      # (N,)
+            teacher_inputs = {}
+            if teacher is not None:
+                hidden, top1, ce = _teacher_on_val_batch(run, index, batch, targets)
+                teacher_ce += ce
+                teacher_inputs = {"teacher_hidden": hidden,
+                                  "teacher_weight": teacher.output_weight.to(env.device),
+                                  "teacher_bias": teacher.output_bias, "teacher_top1": top1}
+            with run.autocast():
+                sums += run.model(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, targets,
+                                  mode="eval", **teacher_inputs)
+    sums = torch.cat([sums, torch.tensor([teacher_ce], dtype=torch.float64, device=env.device)])
+    distributed.all_reduce_sum(sums, env)
+    run.model.train()
+    totals = dict(zip(EVAL_FIELDS + ("teacher_ce_sum",), sums.tolist()))
+    count = max(totals["count"], 1.0)
+    row = {"step": progress.step, "tokens": progress.tokens, "val_loss": totals["ce_sum"] / count,
+           "val_ppl": math.exp(min(totals["ce_sum"] / count, 50.0)), "val_tokens": int(totals["count"])}
+    if teacher is not None:
+        row.update(kl=totals["kl_sum"] / count, top1_agreement=totals["top1_sum"] / count)
+        if run.teacher_on_val.summary is None:
+            loss = totals["teacher_ce_sum"] / count
+            run.teacher_on_val.summary = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+            run.say(f"eval: teacher val loss {loss:.4f} (ppl {run.teacher_on_val.summary['val_ppl']:.2f})")
+    if run.runlog is not None:
+        metrics = {key: value for key, value in row.items() if key not in ("step", "tokens")}
+        run.runlog.write({"step": progress.step, "tokens": progress.tokens, "eval": metrics})
+    return row
+
+
+def _teacher_on_val_batch(run: _Run, index: int, batch, targets: torch.Tensor) -> tuple:
+    """(hidden, argmax, CE sum) of the live teacher on validation batch `index`, computed at the
+    first evaluation and kept (the teacher's side never changes)."""
+    if index not in run.teacher_on_val.batches:
+        teacher, device = run.teacher, run.env.device
+        hidden = teacher.hidden(batch.input_ids, batch.cu_seqlens, batch.max_seqlen).to(device)   # (N, Ht)
+        ce, top1 = teacher_stats(hidden, teacher.output_weight.to(device), teacher.output_bias, targets,
+                                 run.data.data.vocab_size)
+        run.teacher_on_val.batches[index] = (hidden, top1, ce)
+    return run.teacher_on_val.batches[index]
+
+
+# ---- checkpoints and measurement ----------------------------------------------------------------------
+
+def _save_checkpoint(run: _Run, progress: _Progress) -> Path | None:
+    """An atomic checkpoint of the weights, optimizer, RNG and progress (written by rank 0, every
+    rank taking part in gathering a sharded state); its path on rank 0, None elsewhere."""
+    env, settings = run.env, run.config.train
+    model_state, optim_state = setup.gather_state(run.step_module, run.optimizer, env, settings.parallel)
+    path = None
+    if env.is_main:
+        state = {"step": progress.step, "tokens": progress.tokens, "nonfinite": progress.nonfinite,
+                 "nonfinite_streak": progress.nonfinite_streak,
+                 "samples": progress.step * settings.batch_size * settings.grad_accum,
+                 "data_id": run.data.data.data_id, "tokenizer_sha256": run.data.data.tokenizer_sha256,
+                 "parallel_format": "fsdp" if setup.sharded(env, settings.parallel) else "plain",
+                 "world_size": env.world, "mode": run.mode}
+        path = save_checkpoint(run.out_dir, progress.step, model_state=model_state,
+                               model_config=run.student.config, optimizer_state=optim_state,
+                               trainer_state=state, tokenizer_json=run.tokenizer_json,
+                               keep_last=settings.keep_last)
+    distributed.barrier(env)
+    return path
+
+
+def _measure_activation_bytes(run: _Run, progress: _Progress) -> int:
+    """Bytes the autograd graph of one micro-batch holds for backward (parameters and inputs
+    excluded), counted by slmfast.recompute.measure.activation_bytes, which also sees what a
+    recompute policy (train.recompute) keeps outside autograd's saved-tensor hooks."""
+    from slmfast.models.llama import shift_labels
+    from slmfast.recompute.measure import activation_bytes
+
+    batch = next(_micro_batches(run, progress.step)).to(run.env.device)
+    inputs = dict(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+                  targets=shift_labels(batch.input_ids, batch.cu_seqlens), num_items=batch.num_targets,
+                  **_teacher_inputs(run, batch))
+    with run.autocast():
+        counted = activation_bytes(run.step_module, list(run.student.model.layers), inputs,
+                                   loss_fn=lambda loss: loss)
+    return counted.total
 
 
 def summary_table(result: RunResult, mode: str) -> str:

@@ -62,3 +62,14 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple[int, ...], 
     if tuple(t.shape) != tuple(expected):
         reason = f" ({why})" if why else ""
         raise ValueError(f"{op}: {name} must have shape {tuple(expected)}{reason}, got {tuple(t.shape)}")
+
+
+def check_residual_and_eps(op: str, residual: torch.Tensor | None, x: torch.Tensor, eps: float) -> None:
+    """The last checks of a norm with a fused residual add: residual, when given, a tensor of x's
+    shape and dtype; eps >= 0 (NaN refused)."""
+    if residual is not None:
+        check_tensor(op, "residual", residual)
+        check_shape(op, "residual", residual, tuple(x.shape), "the shape of x")
+        check_same_dtype(op, "residual", residual, "x", x)
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")

@@ -57,7 +57,7 @@ import math
 import torch
 
 from slmfast import backends, gpu_table
-from slmfast.ops import _checks
+from slmfast.ops import _checks, _registry
 
 OP = "attention"
 SDPA_OP = "scaled_dot_product_attention"
@@ -252,16 +252,6 @@ def _make_backward(backward_op):
     return backward
 
 
-def _register(forward_qualname: str, backward_op) -> None:
-    torch.library.register_fake(forward_qualname)(_fake_forward)
-    torch.library.register_autograd(forward_qualname, _make_backward(backward_op),
-                                    setup_context=_setup_context)
-
-
-if backends.extension() is not None and hasattr(torch.ops.slmfast, "attention_fwd"):
-    torch.library.register_fake("slmfast::attention_bwd")(_fake_backward)
-    _register("slmfast::attention_fwd", torch.ops.slmfast.attention_bwd)
-
 _triton_kernels = None
 if backends.triton_version() is not None:
     try:
@@ -270,8 +260,10 @@ if backends.triton_version() is not None:
         if exc.name != "slmfast.triton.attention":
             raise
 
+_triton_launchers = None
 if _triton_kernels is not None:
-    @torch.library.custom_op("slmfast_triton::attention_fwd", mutates_args=())
+    # The launchers take the scalars by keyword; the registered ops take every argument in
+    # the order of the C++ schema, as the autograd formula above calls them.
     def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                         causal: bool, window_left: int, window_right: int,
                         cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
@@ -281,7 +273,6 @@ if _triton_kernels is not None:
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k)
 
-    @torch.library.custom_op("slmfast_triton::attention_bwd", mutates_args=())
     def _triton_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                          window_left: int, window_right: int, cu_seqlens_q: torch.Tensor | None,
@@ -292,8 +283,10 @@ if _triton_kernels is not None:
             window_right=window_right, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic)
 
-    _triton_backward.register_fake(_fake_backward)
-    _register("slmfast_triton::attention_fwd", torch.ops.slmfast_triton.attention_bwd)
+    _triton_launchers = (_triton_forward, _triton_backward)
+
+_registry.register_forward_backward("attention", _fake_forward, _fake_backward, _setup_context,
+                                    _make_backward, _triton_launchers)
 
 IMPLEMENTED = ("cuda",) + (("triton",) if _triton_kernels is not None else ()) + ("cpu", "torch")
 

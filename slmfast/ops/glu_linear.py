@@ -15,7 +15,7 @@ Bytes saved for backward, per token (e = bytes per element, I intermediate size)
 plus W_down, which both keep.
 
 Shapes: gate, up (..., I), weight (out, I), bias (out,) or None; gate/up/weight in one dtype (or
-the autocast dtype under torch.autocast). Backends: those of slmfast.ops.swiglu for the gate.
+the autocast dtype under torch.autocast). Backends: those of slmfast.ops.glu for the gate.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from slmfast.ops import _amp, _checks
-from slmfast.ops import swiglu as _glu
+from slmfast.ops import glu as _glu
 
 OP = "glu_linear"
 

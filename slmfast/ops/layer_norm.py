@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from slmfast import backends, gpu_table
-from slmfast.ops import _checks
+from slmfast.ops import _checks, _registry
 
 OP = "layer_norm"
 IMPLEMENTED = ("triton", "cpu", "torch")
@@ -103,33 +103,9 @@ def _make_backward(backward_op):
     return backward
 
 
-def _register(forward_qualname: str, backward_op) -> None:
-    torch.library.register_fake(forward_qualname)(_fake_forward)
-    torch.library.register_autograd(forward_qualname, _make_backward(backward_op),
-                                    setup_context=_setup_context)
-
-
-if backends.extension() is not None:
-    torch.library.register_fake("slmfast::layer_norm_bwd")(_fake_backward)
-    _register("slmfast::layer_norm_fwd", torch.ops.slmfast.layer_norm_bwd)
-
-if backends.triton_version() is not None:
-    from slmfast.triton import layer_norm as _triton_kernels
-
-    @torch.library.custom_op("slmfast_triton::layer_norm_fwd", mutates_args=())
-    def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        residual: torch.Tensor | None,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _triton_kernels.layer_norm_fwd(x, weight, bias, residual, eps)
-
-    @torch.library.custom_op("slmfast_triton::layer_norm_bwd", mutates_args=())
-    def _triton_backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor,
-                         weight: torch.Tensor, mean: torch.Tensor,
-                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _triton_kernels.layer_norm_bwd(dy, dh, h, weight, mean, rstd)
-
-    _triton_backward.register_fake(_fake_backward)
-    _register("slmfast_triton::layer_norm_fwd", torch.ops.slmfast_triton.layer_norm_bwd)
+_triton_kernels = _registry.triton_module(OP)
+_registry.register_forward_backward(OP, _fake_forward, _fake_backward, _setup_context, _make_backward,
+                                    _triton_kernels)
 
 
 # ---- the public op ------------------------------------------------------------------------
@@ -149,12 +125,7 @@ def _check(x, weight, bias, residual, eps) -> torch.device:
             _checks.check_param_dtype(OP, name, param, "x", x)
     if weight is not None and bias is not None:
         _checks.check_same_dtype(OP, "bias", bias, "weight", weight)
-    if residual is not None:
-        _checks.check_tensor(OP, "residual", residual)
-        _checks.check_shape(OP, "residual", residual, tuple(x.shape), "the shape of x")
-        _checks.check_same_dtype(OP, "residual", residual, "x", x)
-    if not eps >= 0:
-        raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
+    _checks.check_residual_and_eps(OP, residual, x, eps)
     return device
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from slmfast import backends, gpu_table
-from slmfast.ops import _amp, _checks
+from slmfast.ops import _amp, _checks, _registry
 
 OP = "rms_norm"
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
@@ -122,32 +122,9 @@ def _make_backward(backward_op):
     return backward
 
 
-def _register(forward_qualname: str, backward_op) -> None:
-    torch.library.register_fake(forward_qualname)(_fake_forward)
-    torch.library.register_autograd(forward_qualname, _make_backward(backward_op),
-                                    setup_context=_setup_context)
-
-
-if backends.extension() is not None:
-    torch.library.register_fake("slmfast::rms_norm_bwd")(_fake_backward)
-    _register("slmfast::rms_norm_fwd", torch.ops.slmfast.rms_norm_bwd)
-
-if backends.triton_version() is not None:
-    from slmfast.triton import rms_norm as _triton_kernels
-
-    @torch.library.custom_op("slmfast_triton::rms_norm_fwd", mutates_args=())
-    def _triton_forward(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
-                        eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _triton_kernels.rms_norm_fwd(x, weight, residual, eps, offset)
-
-    @torch.library.custom_op("slmfast_triton::rms_norm_bwd", mutates_args=())
-    def _triton_backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor,
-                         weight: torch.Tensor, rstd: torch.Tensor,
-                         offset: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return _triton_kernels.rms_norm_bwd(dy, dh, h, weight, rstd, offset)
-
-    _triton_backward.register_fake(_fake_backward)
-    _register("slmfast_triton::rms_norm_fwd", torch.ops.slmfast_triton.rms_norm_bwd)
+_triton_kernels = _registry.triton_module(OP)
+_registry.register_forward_backward(OP, _fake_forward, _fake_backward, _setup_context, _make_backward,
+                                    _triton_kernels)
 
 
 # ---- the public op ------------------------------------------------------------------------
@@ -160,12 +137,7 @@ def check_inputs(x, weight, residual, eps, op: str = OP) -> torch.device:
         raise ValueError(f"{op}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     _checks.check_shape(op, "weight", weight, (x.shape[-1],), "the last dimension of x")
     _checks.check_param_dtype(op, "weight", weight, "x", x)
-    if residual is not None:
-        _checks.check_tensor(op, "residual", residual)
-        _checks.check_shape(op, "residual", residual, tuple(x.shape), "the shape of x")
-        _checks.check_same_dtype(op, "residual", residual, "x", x)
-    if not eps >= 0:
-        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    _checks.check_residual_and_eps(op, residual, x, eps)
     return device
 
 

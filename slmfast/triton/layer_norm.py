@@ -87,7 +87,8 @@ def _num_warps(block: int) -> int:
 
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   residual: torch.Tensor | None, eps: float):
+                   residual: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, residual: (..., cols) contiguous; weight, bias: (cols,). Returns y, h (empty without a
     residual), mean and rstd (x.shape[:-1], float32)."""
     cols = x.shape[-1]
@@ -114,7 +115,7 @@ def _num_programs(rows: int, device: torch.device) -> int:
 
 
 def layer_norm_bwd(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor,
-                   mean: torch.Tensor, rstd: torch.Tensor):
+                   mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of x (including dh, the gradient of the h output), weight and bias."""
     cols = h.shape[-1]
     rows = h.numel() // cols

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slmfast.nn import GeGLUMLP, RMSNorm, SwiGLUMLP
-from slmfast.ops.swiglu import IMPLEMENTED
+from slmfast.ops.glu import IMPLEMENTED
 from tests.helpers import assert_close, backend_params, device_for, saved_tensor_bytes
 
 llama = pytest.importorskip("transformers.models.llama.modeling_llama")

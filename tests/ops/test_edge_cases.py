@@ -32,7 +32,7 @@ from slmfast.ops import attention as attention_op
 from slmfast.ops import distill_loss as distill_op
 from slmfast.ops import layer_norm as layer_norm_op
 from slmfast.ops.attention import attention_reference
-from slmfast.ops.swiglu import glu_reference
+from slmfast.ops.glu import glu_reference
 from tests.helpers import assert_close, backend_params, device_for, glu_derivative_terms
 
 INTERPRETED = backends.triton_interpreting() and not torch.cuda.is_available()
@@ -350,7 +350,7 @@ def test_glu_negative_tail(backend, dtype, variant):
     """Gates from -7 to -2 only, where silu and gelu are small (down to 1e-11) and so is the
     output's scale: nothing larger hides an error there. The floor is the rounding of the terms
     the formulas cancel (1 + tanh z with tanh z near -1 in the forward, 1 - tanh^2 in dgate),
-    as in test_swiglu.py: |gate up| for out, |dout up| act-derivative terms for dgate."""
+    as in test_glu.py: |gate up| for out, |dout up| act-derivative terms for dgate."""
     fn, activation = GLU[variant]
     device = device_for(backend)
     gate = torch.linspace(-7, -2, 1001).to(dtype=dtype, device=device)

@@ -6,8 +6,8 @@ import torch
 
 from slmfast import backends
 from slmfast.functional import glu_linear
+from slmfast.ops.glu import IMPLEMENTED
 from slmfast.ops.glu_linear import glu_linear_reference
-from slmfast.ops.swiglu import IMPLEMENTED
 from tests.helpers import (
     assert_close,
     backend_params,

@@ -34,18 +34,18 @@ from slmfast.functional import (
 )
 from slmfast.ops import attention as attention_op
 from slmfast.ops import distill_loss as distill_op
+from slmfast.ops import glu as glu_op
 from slmfast.ops import layer_norm as layer_norm_op
-from slmfast.ops import swiglu as swiglu_op
 from slmfast.ops.attention import attention_native, attention_reference
 from slmfast.ops.cross_entropy import cross_entropy_reference
 from slmfast.ops.distill_loss import distill_loss_reference
+from slmfast.ops.glu import glu_reference
 from slmfast.ops.glu_linear import glu_linear_reference
 from slmfast.ops.layer_norm import layer_norm_native, layer_norm_reference
 from slmfast.ops.linear_cross_entropy import linear_cross_entropy_reference
 from slmfast.ops.norm_linear import rms_norm_linear_reference
 from slmfast.ops.rms_norm import rms_norm_native, rms_norm_reference
 from slmfast.ops.rotary import rotary_reference
-from slmfast.ops.swiglu import glu_reference
 from tests.helpers import assert_close
 
 pytestmark = pytest.mark.gpu
@@ -191,7 +191,7 @@ def check_glu(backend, device, shape, dtype, activation):
     def ours(g, u):
         if activation == "silu":
             return swiglu(g, u, backend=backend)
-        return swiglu_op.glu(g, u, activation, backend=backend, op="geglu")
+        return glu_op.glu(g, u, activation, backend=backend, op="geglu")
 
     def ref(g, u):
         return glu_reference(g, u, activation)
@@ -200,7 +200,7 @@ def check_glu(backend, device, shape, dtype, activation):
 
 
 @BIG_LAYERS
-@pytest.mark.parametrize("backend", _params(swiglu_op.IMPLEMENTED))
+@pytest.mark.parametrize("backend", _params(glu_op.IMPLEMENTED))
 @pytest.mark.parametrize("case", list(GLU_CASES))
 def test_swiglu_geglu(backend, case):
     check_glu(backend, "cuda", *GLU_CASES[case])
@@ -221,7 +221,7 @@ def check_glu_linear(backend, device, tokens, inter, out, dtype, activation):
 
 
 @BIG_LAYERS
-@pytest.mark.parametrize("backend", _params(swiglu_op.IMPLEMENTED))
+@pytest.mark.parametrize("backend", _params(glu_op.IMPLEMENTED))
 @pytest.mark.parametrize("case", [(8192, 5632, 2048, BF16, "silu"), (1031, 2730, 1000, FP16, "gelu_tanh")],
                          ids=["llama-8192x5632->2048-bf16", "odd-1031x2730->1000-fp16"])
 def test_glu_linear(backend, case):

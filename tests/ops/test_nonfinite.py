@@ -68,9 +68,9 @@ from slmfast.functional import (
 )
 from slmfast.ops import attention as attention_op
 from slmfast.ops import distill_loss as distill_op
+from slmfast.ops import glu as glu_op
 from slmfast.ops import layer_norm as layer_norm_op
 from slmfast.ops import rms_norm as rms_norm_op
-from slmfast.ops import swiglu as swiglu_op
 from tests.helpers import backend_params, device_for
 
 INTERPRETED = backends.triton_interpreting() and not torch.cuda.is_available()
@@ -178,7 +178,7 @@ def _glu_case(activation: str) -> Case:
         acc = _acc(d["gate"].dtype)
         return {"out": (_act(d["gate"].to(acc), activation) * d["up"].to(acc)).to(d["gate"].dtype)}
 
-    return Case("swiglu" if activation == "silu" else "geglu", swiglu_op.IMPLEMENTED, make, ours, eager,
+    return Case("swiglu" if activation == "silu" else "geglu", glu_op.IMPLEMENTED, make, ours, eager,
                 ("gate", "up"), ("gate", "up"))
 
 
@@ -489,7 +489,7 @@ def _glu_linear_case(activation: str) -> Case:
         return {"out": F.linear(a, d["weight"], d["bias"])}
 
     names = ("gate", "up", "weight", "bias")
-    return Case(f"glu_linear-{activation}", swiglu_op.IMPLEMENTED, make, ours, eager, names, names)
+    return Case(f"glu_linear-{activation}", glu_op.IMPLEMENTED, make, ours, eager, names, names)
 
 
 # attention -------------------------------------------------------------------------------------

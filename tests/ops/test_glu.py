@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from slmfast import backends
 from slmfast.functional import geglu, swiglu
-from slmfast.ops.swiglu import IMPLEMENTED, glu_reference, kernels
+from slmfast.ops.glu import IMPLEMENTED, glu_reference, kernels
 from tests.helpers import (
     assert_close,
     backend_params,

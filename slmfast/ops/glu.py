@@ -17,7 +17,7 @@ Bytes saved per element of the product: 2 x elem (gate, up), against 4 x elem fo
 `F.silu(gate) * up` (gate for silu's backward, silu(gate) and up for the product's, and the
 product for the next matmul; slmfast.nn.SwiGLUMLP also drops the last, see glu_linear).
 
-Backends: cuda (csrc/cuda/glu.cu), triton (slmfast/triton/swiglu.py; float32/bf16/fp16),
+Backends: cuda (csrc/cuda/glu.cu), triton (slmfast/triton/glu.py; float32/bf16/fp16),
 cpu (csrc/cpu/glu.cpp), torch (glu_reference below).
 """
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from slmfast import backends, gpu_table
-from slmfast.ops import _checks
+from slmfast.ops import _checks, _registry
 
 IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -87,30 +87,9 @@ def _make_backward(backward_op):
     return backward
 
 
-def _register(forward_qualname: str, backward_op) -> None:
-    torch.library.register_fake(forward_qualname)(_fake_forward)
-    torch.library.register_autograd(forward_qualname, _make_backward(backward_op),
-                                    setup_context=_setup_context)
-
-
-if backends.extension() is not None:
-    torch.library.register_fake("slmfast::glu_bwd")(_fake_backward)
-    _register("slmfast::glu_fwd", torch.ops.slmfast.glu_bwd)
-
-if backends.triton_version() is not None:
-    from slmfast.triton import swiglu as _triton_kernels
-
-    @torch.library.custom_op("slmfast_triton::glu_fwd", mutates_args=())
-    def _triton_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-        return _triton_kernels.glu_fwd(gate, up, activation)
-
-    @torch.library.custom_op("slmfast_triton::glu_bwd", mutates_args=())
-    def _triton_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
-                         recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _triton_kernels.glu_bwd(dout, gate, up, activation, recompute)
-
-    _triton_backward.register_fake(_fake_backward)
-    _register("slmfast_triton::glu_fwd", torch.ops.slmfast_triton.glu_bwd)
+_triton_kernels = _registry.triton_module("glu")
+_registry.register_forward_backward("glu", _fake_forward, _fake_backward, _setup_context, _make_backward,
+                                    _triton_kernels)
 
 
 # ---- dispatch -----------------------------------------------------------------------------

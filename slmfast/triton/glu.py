@@ -1,4 +1,4 @@
-"""Triton kernels for the gated linear units (contract and autograd in slmfast/ops/swiglu.py).
+"""Triton kernels for the gated linear units (contract and autograd in slmfast/ops/glu.py).
 
 out = act(gate) * up with act = silu (SwiGLU) or gelu, erf or tanh form (GeGLU), after Shazeer
 2020 ("GLU Variants Improve Transformer"); same math as csrc/cpu/glu.cpp. Elementwise over
