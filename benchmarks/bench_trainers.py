@@ -365,6 +365,7 @@ def main() -> None:
         child(a.child, shape)
         return
     shape_args = [arg for name in DEFAULT for arg in (f"--{name.replace('_', '-')}", str(shape[name]))]
+    torch.set_num_threads(shape["threads"])           # what the children run with, for the environment line
     print(environment("cpu"))
     print(describe(shape))
     print("| pair | dtype | variant | tokens/s | tokens/s w/o generation | peak above models MiB | "
