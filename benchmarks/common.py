@@ -42,6 +42,20 @@ def time_fn(fn, device="cpu", warmup: int = 2, min_time: float = 0.4, max_reps: 
     return statistics.median(samples)
 
 
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (Linux): VmRSS is the resident set now, VmHWM its peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Sets VmHWM back to the current RSS (Linux: writing 5 to /proc/self/clear_refs), so that a
+    later status_kib("VmHWM") is the peak since this call."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

@@ -167,6 +167,27 @@ def test_training_lowers_the_loss_and_leaves_the_teacher_alone(tmp_path):
     assert set(saved.state_dict()) == set(student.state_dict())
 
 
+def test_bf16_mixed_precision_reaches_both_models(tmp_path):
+    """TrainingArguments(bf16=True) with float32 weights: Accelerate autocasts the model's forward,
+    which the trainer swaps out to compute its loss; the loss must still run under that autocast
+    (the models' projections give bfloat16), not silently in float32."""
+    student, teacher = _llama(32, seed=1), _llama(48, seed=2)
+    seen = {}
+
+    def hook(who):
+        def record(module, args, output):
+            seen.setdefault(who, output.dtype)
+        return record
+
+    for who, model in (("student", student), ("teacher", teacher)):
+        model.model.layers[0].self_attn.q_proj.register_forward_hook(hook(who))
+    trainer = _trainer(tmp_path, student, teacher, loss="forward_kl", train_dataset=_learnable_data(n=8),
+                       args=dict(per_device_train_batch_size=4, bf16=True))
+    trainer.train()
+    assert seen == {"student": torch.bfloat16, "teacher": torch.bfloat16}
+    assert student.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+
+
 def test_cached_topk_teacher_with_k_equal_vocab_is_the_dense_loss(tmp_path):
     """Batches carrying the teacher's top-k log-probabilities train without a teacher model; with
     k = V (nothing left out) the loss is the dense one; the columns survive the Trainer's filter."""

@@ -30,7 +30,9 @@ slmfast.functional.topk_distill_loss, and no teacher model is needed (teacher=No
 The student's forward runs through the (DDP/FSDP) wrapper's __call__, with the wrapped module's
 forward swapped for one that returns the loss, so that DDP's and FSDP's hooks run as for a normal
 forward and the LM head is materialized while the loss reads it (TRL's DistillationTrainer does
-the same for the same reason).
+the same for the same reason). The swap also removes the autocast that Accelerate wraps around the
+forward for bf16=True / fp16=True, so the loss (both models and the fused loss) runs inside
+`accelerator.autocast()` instead.
 """
 
 from __future__ import annotations
@@ -200,7 +202,10 @@ class DistillationTrainer(transformers.Trainer):
             raise ValueError("DistillationTrainer: no teacher: pass teacher= or batches with "
                              f"{' and '.join(TOPK_KEYS)} (an offline teacher cache)")
         student = self.accelerator.unwrap_model(model)
-        loss = _call_through(model, student, self._loss, student, inputs, num_items_in_batch, cached)
+        # Accelerate's mixed precision (bf16=True / fp16=True) is an autocast wrapped around the model's
+        # forward, which _call_through swaps out for one call: enter the same autocast around it.
+        with self.accelerator.autocast():
+            loss = _call_through(model, student, self._loss, student, inputs, num_items_in_batch, cached)
         if (self.args.average_tokens_across_devices and num_items_in_batch is not None
                 and self.accelerator.num_processes > 1):
             # The count is over every process while DDP/FSDP average the gradients: undo the average.
