@@ -31,19 +31,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, print_table  # noqa: E402
+from benchmarks.common import environment, print_table, status_kib  # noqa: E402
 
 VOCAB = 8192
 TEACHER = dict(hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=2)
 STUDENT = dict(hidden_size=192, intermediate_size=512, num_layers=2, num_heads=3, num_kv_heads=1)
 TEMPERATURE, ALPHA = 2.0, 0.5
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def slmfast_step_fn(ids):
@@ -105,7 +98,7 @@ def child(variant: str, batch: int, seq: int, reps: int) -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (batch, seq))                                               # (B, T)
     step = (slmfast_step_fn if variant == "slmfast" else plain_step_fn)(ids)
-    base_kib = _status_kib("VmRSS")
+    base_kib = status_kib("VmRSS")
     step()  # warm-up
     times = []
     for _ in range(reps):
@@ -113,7 +106,7 @@ def child(variant: str, batch: int, seq: int, reps: int) -> None:
         step()
         times.append(time.perf_counter() - t0)
     times.sort()
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     print(json.dumps({"variant": variant, "time_s": times[len(times) // 2], "peak_mib": peak_kib / 1024,
                       "above_models_mib": (peak_kib - base_kib) / 1024}))
 

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import slmfast.recompute as rc  # noqa: E402
-from benchmarks.common import environment, print_table  # noqa: E402
+from benchmarks.common import environment, print_table, reset_peak_rss, status_kib  # noqa: E402
 
 UNIFORM = ("none", "selective", "full")
 MIB = 2.0 ** 20
@@ -77,13 +77,6 @@ def build(name: str, batch: int, seq: int, quick: bool):
     raise ValueError(f"--models: unknown model {name!r} (hf-llama, slmfast)")
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_child(args) -> dict:
     """In a fresh process: apply the policies, then the step's real peak and time."""
     model, inputs, loss_fn = build(args.model, args.batch, args.seq, args.quick)
@@ -99,12 +92,12 @@ def measure_child(args) -> dict:
     model.zero_grad(set_to_none=False)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base_kib = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS
+    base_kib = status_kib("VmRSS")
+    reset_peak_rss()                                # VmHWM := VmRSS
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
-    peak = (_status_kib("VmHWM") - base_kib) * 1024
+    peak = (status_kib("VmHWM") - base_kib) * 1024
     times = [first]
     for _ in range(args.reps - 1):
         model.zero_grad(set_to_none=False)

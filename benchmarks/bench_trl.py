@@ -32,14 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import environment, status_kib  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 VARIANTS = ("trl", "slmfast")
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def make_inputs(a, seed=0):
@@ -72,7 +69,7 @@ def loss_fn(variant):
 def child(a) -> None:
     fn = loss_fn(a.variant)
     sh, th, sw, tw, mask = make_inputs(a)
-    base_kib = _status_kib("VmRSS")
+    base_kib = status_kib("VmRSS")
 
     def step():
         sh.grad = sw.grad = None
@@ -89,7 +86,7 @@ def child(a) -> None:
         step()
         times.append(time.perf_counter() - t0)
     times.sort()
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     print(json.dumps({"variant": a.variant, "beta": a.beta, "loss": loss, "time_s": times[len(times) // 2],
                       "warmup_s": warm, "peak_mib": peak_kib / 1024,
                       "above_inputs_mib": (peak_kib - base_kib) / 1024, "grad_norm": float(sw.grad.norm())}))
@@ -111,8 +108,6 @@ def main() -> None:
     if a.child:
         child(a)
         return
-    from benchmarks.common import environment
-
     print(environment("cpu"))
     print(f"B={a.batch} T={a.seq} Hs={a.student_hidden} Ht={a.teacher_hidden} V={a.vocab} fp32, "
           f"completion mask 3/4 of each row, {a.reps} reps after a warm-up")
