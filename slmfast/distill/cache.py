@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -147,8 +148,6 @@ def build_cache(out: str | Path, *, teacher, data: TokenData, seq_len: int, pack
     """Run the teacher over the given train windows and write the cache directory: the top-k
     log-probabilities (kind "topk"), or `samples` draws per position at `temperature` (kind
     "sampled", seeded by sample_seed and the window)."""
-    from tqdm import tqdm
-
     vocab = data.vocab_size
     if kind not in CACHE_KINDS:
         raise ValueError(f"loss.cache_kind must be one of {', '.join(CACHE_KINDS)}, got {kind!r}")
@@ -172,21 +171,15 @@ def build_cache(out: str | Path, *, teacher, data: TokenData, seq_len: int, pack
     rows = len(window_ids)
     shards = []
     out = Path(out)
-    bar = tqdm(total=rows, desc="cache-teacher", unit="seq", disable=not progress, dynamic_ncols=True)
-    with atomic_directory(out) as tmp:
-        np.save(tmp / "windows.npy", window_ids)
-        if tokenizer_json is not None:
-            (tmp / "tokenizer.json").write_text(tokenizer_json)
-        for shard, first in enumerate(range(0, rows, shard_rows)):
-            count = min(shard_rows, rows - first)
+    with _cache_directory(out, window_ids, tokenizer_json, shard_rows, "cache-teacher",
+                          progress) as (tmp, bar, parts):
+        for shard, first, count in parts:
             ids_name, lp_name = f"ids-{shard:05d}.npy", f"logprobs-{shard:05d}.npy"
             shape = (count, seq_len, k)
             ids_mm = np.lib.format.open_memmap(tmp / ids_name, mode="w+", dtype=id_dtype, shape=shape)
             lp_mm = np.lib.format.open_memmap(tmp / lp_name, mode="w+", dtype=np.float16, shape=shape)
-            for start in range(0, count, batch_windows):
-                chunk = window_ids[first + start:first + min(start + batch_windows, count)]
-                batch = windows.batch(chunk)
-                hidden = teacher.hidden(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)   # (N, H)
+            batches = _teacher_hidden(teacher, windows, window_ids, first, count, batch_windows)
+            for start, chunk, hidden in batches:
                 ids, lps = topk_logprobs(hidden, teacher.output_weight, teacher.output_bias, vocab, k)
                 n = len(chunk)
                 ids_mm[start:start + n] = ids.view(n, seq_len, k).cpu().numpy().astype(id_dtype)
@@ -209,10 +202,41 @@ def build_cache(out: str | Path, *, teacher, data: TokenData, seq_len: int, pack
         size = sum((tmp / s[f]).stat().st_size for s in shards for f in ("ids", "logprobs"))
         manifest.update(_size_fields(size, rows * seq_len, time.perf_counter() - t_start))
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    bar.close()
     log(f"cache-teacher: {rows} sequences x {seq_len} tokens x top-{k} -> {out} ({size / 2**20:.1f} MiB, "
         f"{manifest['bytes_per_token']:.1f} bytes/token)")
     return out
+
+
+@contextmanager
+def _cache_directory(out: Path, window_ids: np.ndarray, tokenizer_json: str | None, shard_rows: int,
+                     desc: str, progress: bool):
+    """What both cache kinds write around their shards: a temporary directory renamed into place
+    when the block succeeds (removed when it fails), with windows.npy and the tokenizer in it, a
+    progress bar over the windows, and the shards as (index, first row, rows)."""
+    from tqdm import tqdm
+
+    rows = len(window_ids)
+    bar = tqdm(total=rows, desc=desc, unit="seq", disable=not progress, dynamic_ncols=True)
+    try:
+        with atomic_directory(out) as tmp:
+            np.save(tmp / "windows.npy", window_ids)
+            if tokenizer_json is not None:
+                (tmp / "tokenizer.json").write_text(tokenizer_json)
+            parts = [(shard, first, min(shard_rows, rows - first))
+                     for shard, first in enumerate(range(0, rows, shard_rows))]
+            yield tmp, bar, parts
+    finally:
+        bar.close()
+
+
+def _teacher_hidden(teacher, windows: Windows, window_ids: np.ndarray, first: int, count: int,
+                    batch_windows: int):
+    """(start within the shard, the windows, the teacher's last hidden states (n T, H)) for the
+    `count` windows from row `first`, batch_windows at a time."""
+    for start in range(0, count, batch_windows):
+        chunk = window_ids[first + start:first + min(start + batch_windows, count)]
+        batch = windows.batch(chunk)
+        yield start, chunk, teacher.hidden(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)   # (n T, H)
 
 
 def _size_fields(size: int, tokens: int, seconds: float) -> dict:
@@ -221,8 +245,6 @@ def _size_fields(size: int, tokens: int, seconds: float) -> dict:
 
 def _build_sampled(out, *, teacher, data, seq_len, pack, window_ids, samples, temperature, sample_seed,
                    batch_windows, shard_rows, progress, tokenizer_json, log) -> Path:
-    from tqdm import tqdm
-
     t_start = time.perf_counter()
     vocab = data.vocab_size
     windows = Windows(data.splits["train"], seq_len, pack)
@@ -231,19 +253,12 @@ def _build_sampled(out, *, teacher, data, seq_len, pack, window_ids, samples, te
     rows = len(window_ids)
     shards, size = [], 0
     out = Path(out)
-    bar = tqdm(total=rows, desc="cache-teacher (sampled)", unit="seq", disable=not progress,
-               dynamic_ncols=True)
-    with atomic_directory(out) as tmp:
-        np.save(tmp / "windows.npy", window_ids)
-        if tokenizer_json is not None:
-            (tmp / "tokenizer.json").write_text(tokenizer_json)
-        for shard, first in enumerate(range(0, rows, shard_rows)):
-            count = min(shard_rows, rows - first)
+    with _cache_directory(out, window_ids, tokenizer_json, shard_rows, "cache-teacher (sampled)",
+                          progress) as (tmp, bar, parts):
+        for shard, first, count in parts:
             collect = _SampledShard(count, seq_len, id_dtype)
-            for start in range(0, count, batch_windows):
-                chunk = window_ids[first + start:first + min(start + batch_windows, count)]
-                batch = windows.batch(chunk)
-                hidden = teacher.hidden(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)   # (n T, H)
+            batches = _teacher_hidden(teacher, windows, window_ids, first, count, batch_windows)
+            for start, chunk, hidden in batches:
                 logits = torch.cat(list(_teacher_logits(hidden, teacher.output_weight, teacher.output_bias,
                                                         vocab)))                            # (n T, V)
                 for j, window in enumerate(chunk):
@@ -273,7 +288,6 @@ def _build_sampled(out, *, teacher, data, seq_len, pack, window_ids, samples, te
         manifest["mean_distinct_ids"] = float(sum(
             np.load(tmp / e["lengths"]).astype(np.int64).sum() for e in shards) / max(rows * seq_len, 1))
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    bar.close()
     log(f"cache-teacher: {rows} sequences x {seq_len} tokens x {samples} draws at T={temperature:g} -> {out} "
         f"({size / 2**20:.1f} MiB, {manifest['bytes_per_token']:.1f} bytes/token, "
         f"{manifest['mean_distinct_ids']:.1f} distinct ids/position)")
