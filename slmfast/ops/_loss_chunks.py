@@ -325,6 +325,8 @@ def two_pass(rows_fn, tile_fn, hidden, weight, bias, vocab, sizes, grad_scale, n
     gh = torch.empty_like(hidden) if need[0] else hidden.new_empty(0)
     gw = torch.empty_like(weight) if need[1] else weight.new_empty(0)
     gb = torch.empty_like(bias) if need[2] else weight.new_empty(0)
+    if n == 0:  # no tokens: nothing to sum, zero parameter gradients
+        return loss, gh, gw.zero_(), gb.zero_()
     with torch.autocast(hidden.device.type, enabled=False):
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)

@@ -137,6 +137,21 @@ def test_tile_gradient_equals_the_row_gradient(backend, option):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_two_pass_empty_batch_gives_zero_gradients(backend, reduction):
+    device = device_for(backend)
+    hidden = torch.randn(0, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(40, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(40, device=device, dtype=torch.bfloat16, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long, device=device), bias,
+                                reduction=reduction, backend=backend)
+    loss.sum().backward()
+    assert loss.sum().item() == 0.0
+    for g in (weight.grad, bias.grad):
+        assert g is None or torch.equal(g, torch.zeros_like(g))
+
+
 @pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
 def test_two_pass_sizes_keep_to_their_share_of_the_floor():
     for n, h, v in [(8192, 1024, 32768), (8192, 2048, 131072), (8192, 2048, 152064), (4096, 1024, 512)]:
