@@ -252,6 +252,47 @@ def ce_rows_torch(logits, target, grad_scale, ignore_index, label_smoothing, z_l
     return loss, torch.where(valid, lse, 0)
 
 
+def ce_grad_values(a, lse, scale, at_target, cols: int, label_smoothing: float, z_loss: float,
+                   softcap: float):
+    """Elements of the cross-entropy gradient, from the logits a themselves and their row's lse.
+
+    a: logits (float32), lse: the log-sum-exp of the row's (softcapped) logits, scale: the row's
+    gradient scale, at_target: whether a is the row's target logit; all broadcastable. With z =
+    softcap tanh(a / softcap) (z = a without softcap) and eps = label_smoothing:
+        d = scale (exp(z - lse) (1 + 2 z_loss lse) - eps / cols - (1 - eps) at_target)
+            x (1 - (z / softcap)^2)          (the last factor only with softcap)
+    the gradient ce_rows_torch and the row kernels (CrossEntropyParams, csrc/common/params.h)
+    write for one element of a row of `cols` logits."""
+    if softcap > 0:
+        u = torch.tanh(a / softcap)
+        z = softcap * u
+    else:
+        z = a
+    d = torch.exp(z - lse) * (1 + 2 * z_loss * lse) - label_smoothing / cols \
+        - (1 - label_smoothing) * at_target
+    if softcap > 0:
+        d = d * (1 - u * u)
+    return scale * d
+
+
+def ce_tile_grad_(logits, target, lse, grad_scale, col0: int, cols: int, ignore_index: int,
+                  label_smoothing: float, z_loss: float, softcap: float) -> torch.Tensor:
+    """The cross-entropy gradient of a tile of columns, written over the tile (the tile gradient
+    of the `torch` backend); returns the tile.
+
+    logits (C, Vt) holds columns [col0, col0 + Vt) of C rows whose full rows have `cols` columns;
+    lse (C,) is each full row's log-sum-exp of the (softcapped) logits (float32, as the row
+    kernels leave it), so one tile needs none of the row's other columns; grad_scale: one value
+    or (C,). Each element gets ce_grad_values (the formula is there), in float32, rounded once;
+    rows whose target is ignore_index get exactly 0, whatever their logits hold."""
+    valid = target != ignore_index                                                    # (C,)
+    scale = grad_scale.to(torch.float32).expand(len(valid))                           # (C,)
+    columns = torch.arange(col0, col0 + logits.shape[1], device=logits.device)        # (Vt,)
+    d = ce_grad_values(logits.to(torch.float32), lse[:, None], scale[:, None], columns == target[:, None],
+                       cols, label_smoothing, z_loss, softcap)                        # (C, Vt)
+    return logits.copy_(torch.where(valid[:, None], d, 0))
+
+
 def _soft_weights(lq, lp, kind: int, beta: float):
     """(soft loss per row, w = Q * dL/dQ per column) from log Q and log P (last dim)."""
     # Terms with a probability of exactly 0 count 0 (0 log 0 = 0); `== 0`, not `> 0`, so that a

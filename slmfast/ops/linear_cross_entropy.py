@@ -12,7 +12,8 @@ Shapes: hidden (..., H), weight (V, H), bias (V,) or None, target (...) with val
 ignore_index. hidden, weight and bias share a dtype (float32, bfloat16, float16, float64); a
 float32 weight with bf16/fp16 hidden is cast to the hidden dtype (as F.linear under autocast);
 under autocast both are cast to the autocast dtype. GEMMs in that dtype, softmax and loss in
-float32 (float64 for fp64); grad_W summed over chunks in float32. The loss has hidden's dtype.
+float32 (float64 for fp64); grad_W summed in float32 (over chunks, or inside one GEMM per vocabulary
+tile for bf16/fp16 on the CPU). The loss has hidden's dtype.
 Token normalization and num_items: as slmfast.ops.cross_entropy ("mean" divides by the number of
 non-ignored tokens or by num_items; an all-ignored batch gives 0).
 
@@ -22,11 +23,15 @@ Two ways to the gradients, chosen per call:
   backward: 3 GEMMs in all, the unfused count. Saved for backward: grad_hidden (N x H, hidden's
   dtype) and grad_weight (V x H, weight's dtype) and grad_bias (V), i.e. exactly the bytes of the
   gradients the backward returns, nothing of size N x V. Transient, during the forward: one chunk
-  of logits (C x V, input dtype) and, for bf16/fp16 weights, the float32 grad_W sum (V x H x 4).
+  of logits (C x V, input dtype) and, for bf16/fp16 weights on a GPU, the float32 grad_W sum
+  (V x H x 4). bf16/fp16 on the CPU take two passes instead (_loss_chunks.two_pass: 4 GEMMs, the
+  weight gradient rebuilt one vocabulary tile at a time from each row's log-sum-exp, no float32
+  V x H buffer; transient: one chunk of logits or one (N, Vt) tile, each <= 5% of the inputs and
+  their gradients, and 2 floats per token).
   When the incoming gradient is exactly 1 the saved gradients are handed over without a copy.
 * reduction "none" (per-token losses, any incoming gradient) or no gradients: the forward keeps
-  only the per-row losses; the backward recomputes each chunk's logits (4 GEMMs). Saved: the
-  inputs (hidden, weight, bias, target: alive anyway) and nothing else.
+  only the per-row losses; the backward recomputes each chunk's logits (4 GEMMs; 5 for bf16/fp16
+  on the CPU). Saved: the inputs (hidden, weight, bias, target: alive anyway) and nothing else.
 
 Backends of the row kernel (the GEMMs are torch.mm on every backend): cuda, triton, cpu, torch.
 """
@@ -62,10 +67,30 @@ def linear_cross_entropy_reference(hidden, weight, target, bias=None, ignore_ind
 
 # ---- custom ops: the chunk loops ------------------------------------------------------------
 
-def _rows_fn(backend, target, ignore_index, label_smoothing, softcap):
+def _rows_fn(backend, target, ignore_index, label_smoothing, softcap, with_stats=False):
     def rows(c0, c1, logits, scale):
-        return C.ce_rows(backend, logits, target[c0:c1], scale, ignore_index, label_smoothing, 0.0, softcap)
+        return C.ce_rows(backend, logits, target[c0:c1], scale, ignore_index, label_smoothing, 0.0, softcap,
+                         with_stats)
     return rows
+
+
+def _loss_and_grads(backend, hidden, weight, bias, target, scale, ignore_index, label_smoothing, softcap,
+                    chunk_size, need):
+    """(loss rows, grad_hidden, grad_weight, grad_bias) of sum_i scale_i loss_i: one pass over the
+    tokens (C.chunked), or for bf16/fp16 on the CPU the two passes of C.two_pass, whose weight
+    gradient is rebuilt tile by tile (C.ce_tile_grad) from each row's log-sum-exp."""
+    vocab = weight.shape[0]
+    if not C.uses_two_pass(hidden.device, hidden.dtype):
+        return C.chunked(_rows_fn(backend, target, ignore_index, label_smoothing, softcap), hidden, weight,
+                         bias, vocab, chunk_size, scale, need)
+
+    def tile_grad(c0, c1, v0, logits, stats, tile_scale):
+        return C.ce_tile_grad(backend, logits, target[c0:c1], stats, tile_scale, v0, vocab, ignore_index,
+                              label_smoothing, 0.0, softcap)
+
+    sizes = C.two_pass_sizes(hidden.shape[0], hidden.shape[1], vocab, chunk_size, backend == "torch")
+    return C.two_pass(_rows_fn(backend, target, ignore_index, label_smoothing, softcap, True), tile_grad,
+                      hidden, weight, bias, vocab, sizes, scale, need)
 
 
 @torch.library.custom_op("slmfast_loss::linear_cross_entropy_fused", mutates_args=())
@@ -74,9 +99,9 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
            grad_hidden: bool, grad_weight: bool, grad_bias: bool,
            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scale * sum of row losses, and its gradients (empty where not asked), in one pass."""
-    rows_fn = _rows_fn(backend, target, ignore_index, label_smoothing, softcap)
-    rows, gh, gw, gb = C.chunked(rows_fn, hidden, weight, bias, weight.shape[0], chunk_size, scale,
-                                 (grad_hidden, grad_weight, grad_bias))
+    rows, gh, gw, gb = _loss_and_grads(backend, hidden, weight, bias, target, scale, ignore_index,
+                                       label_smoothing, softcap, chunk_size,
+                                       (grad_hidden, grad_weight, grad_bias))
     return rows.sum() * scale, gh, gw, gb
 
 
@@ -125,9 +150,9 @@ def _rows_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
               chunk_size: int, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i grad_rows[i] * loss_i, recomputing each chunk's logits."""
-    rows_fn = _rows_fn(backend, target, ignore_index, label_smoothing, softcap)
-    _, gh, gw, gb = C.chunked(rows_fn, hidden, weight, bias, weight.shape[0], chunk_size,
-                              grad_rows.contiguous(), (grad_hidden, grad_weight, grad_bias))
+    _, gh, gw, gb = _loss_and_grads(backend, hidden, weight, bias, target, grad_rows.contiguous(),
+                                    ignore_index, label_smoothing, softcap, chunk_size,
+                                    (grad_hidden, grad_weight, grad_bias))
     return gh, gw, gb
 
 
@@ -234,7 +259,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
                          f"dimension), got {tuple(target.shape)}")
     n, vocab = h.shape[0], w.shape[0]
     y = M.check_target(OP, target, n, vocab, ignore_index)
-    chunk = int(chunk_size) if chunk_size else C.default_chunk_size(n, h.shape[1], vocab, h.device, h.dtype)
+    if chunk_size:
+        chunk = int(chunk_size)
+    elif C.uses_two_pass(h.device, h.dtype):
+        chunk = C.two_pass_sizes(n, h.shape[1], vocab)[0]
+    else:
+        chunk = C.default_chunk_size(n, h.shape[1], vocab, h.device, h.dtype)
     name = select_backend(OP, IMPLEMENTED, h.device, h.dtype, backend, any(need))
     cap = float(softcap) if softcap else 0.0
     acc = M.acc_dtype(h.dtype)

@@ -5,6 +5,8 @@ import torch
 
 from slmfast import backends
 from slmfast.functional import linear_cross_entropy
+from slmfast.ops import _loss_chunks as C
+from slmfast.ops import _loss_math as M
 from slmfast.ops.linear_cross_entropy import linear_cross_entropy_reference
 from tests.helpers import (
     assert_close,
@@ -74,6 +76,111 @@ def test_vocab_not_a_multiple_of_the_block_and_default_chunk(backend):
     v = 1001 if backend == "triton" and INTERPRETED else 32001
     hidden, weight, bias, target = _inputs(9, 16, v, torch.float32, device_for(backend), bias=True)
     _check(backend, hidden, weight, bias, target, label_smoothing=0.05)
+
+
+# ---- bf16/fp16 on the CPU: the two-pass path (tile-by-tile weight gradient) ------------------
+
+TWO_PASS_OPTIONS = {
+    "mean": {},
+    "bias_smooth_sum": {"bias": True, "label_smoothing": 0.1, "reduction": "sum"},
+    "softcap_none": {"softcap": 3.0, "reduction": "none"},
+    "all_num_items": {"bias": True, "label_smoothing": 0.05, "softcap": 5.0, "num_items": 97},
+    "ignore_index_in_vocab": {"ignore_index": 7, "label_smoothing": 0.2},
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("option", list(TWO_PASS_OPTIONS))
+def test_two_pass_odd_shapes_match_fp64_reference(backend, dtype, option):
+    """150 tokens, V = 300: pass 1 in chunks of 32 (the last 22 rows), pass 2 in tiles of 64
+    vocabulary rows (the last 44) and chunks of 64 tokens summed in float32 (the last 22); rows
+    32-63 (one whole pass-1 chunk) and 64-127 (one whole pass-2 chunk) are all ignored."""
+    options = dict(TWO_PASS_OPTIONS[option])
+    bias = options.pop("bias", False)
+    ignore = options.get("ignore_index", -100)
+    hidden, weight, bias, _ = _inputs(150, 16, 300, dtype, device_for(backend), bias=bias)
+    target = torch.randint(0, 300, (150,), device=hidden.device)
+    target[target == ignore] = ignore + 1
+    target[::5] = ignore
+    target[32:128] = ignore
+    if device_for(backend).type == "cpu":
+        assert C.two_pass_sizes(150, 16, 300, 32) == (32, 64, 64, 64)  # the shapes the docstring names
+    _check(backend, hidden, weight, bias, target, chunk_size=32, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", ["plain", "smooth_zloss_softcap"])
+def test_tile_gradient_equals_the_row_gradient(backend, option):
+    """C.ce_tile_grad on column tiles of a row (the kernels' in-place backward plus the fixed
+    target column, or M.ce_tile_grad_ for torch) writes the gradient ce_rows_torch writes on the
+    full row, z-loss included (linear_cross_entropy has no z-loss; the tile gradient does)."""
+    device = device_for(backend)
+    smooth, z_loss, cap = (0.15, 1e-3, 4.0) if option != "plain" else (0.0, 0.0, 0.0)
+    rows, cols = 23, 250
+    logits = torch.randn(rows, cols, device=device) * 3
+    target = torch.randint(0, cols, (rows,), device=device)
+    target[::4] = -100
+    logits[4] = float("nan")  # an ignored row: exactly 0 whatever it holds
+    scale = torch.rand(rows, device=device) + 0.5
+    expected = logits.clone()
+    _, lse = M.ce_rows_torch(expected, target, scale, -100, smooth, z_loss, cap)
+    stats = torch.stack([lse, torch.zeros_like(lse)], 1)
+    if backend != "torch":
+        stats = C.ce_rows(backend, logits.clone(), target, None, -100, smooth, z_loss, cap, True)[1]
+    got = logits.clone()
+    for c0 in range(0, cols, 64):  # tiles of 64 columns, the last 58
+        tile = got[:, c0:c0 + 64].contiguous()
+        got[:, c0:c0 + 64] = C.ce_tile_grad(backend, tile, target, stats, scale, c0, cols, -100, smooth,
+                                            z_loss, cap)
+    assert torch.equal(got[4], torch.zeros_like(got[4]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_two_pass_empty_batch_gives_zero_gradients(backend, reduction):
+    device = device_for(backend)
+    hidden = torch.randn(0, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(40, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(40, device=device, dtype=torch.bfloat16, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long, device=device), bias,
+                                reduction=reduction, backend=backend)
+    loss.sum().backward()
+    assert loss.sum().item() == 0.0
+    for g in (weight.grad, bias.grad):
+        assert g is None or torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
+def test_two_pass_sizes_keep_to_their_share_of_the_floor():
+    for n, h, v in [(8192, 1024, 32768), (8192, 2048, 131072), (8192, 2048, 152064), (4096, 1024, 512)]:
+        floor = 2 * (n + v) * h
+        c, ct, vt, r = C.two_pass_sizes(n, h, v)
+        assert c * v <= C.FLOOR_SLACK * floor and ct * vt <= C.TILE_SLACK * floor, (n, h, v)
+        assert ct == r == n  # every tile in one GEMM over all tokens, its gradient rebuilt in place
+        _, _, _, r = C.two_pass_sizes(n, h, v, float_temporaries=True)
+        assert 4 * r * vt <= C.TILE_SLACK * floor
+
+
+@pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_two_pass_allocates_no_float32_weight_sized_tensor(dtype):
+    """bf16/fp16 on the CPU: no tensor of V x H float32 (twice the weight gradient) at any point
+    of the forward and backward (the one-pass loop summed grad_W over chunks in one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, h, v = 64, 32, 2000
+    hidden = torch.randn(n, h, dtype=dtype, requires_grad=True)
+    weight = torch.randn(v, h, dtype=dtype, requires_grad=True)
+    bias = torch.randn(v, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        linear_cross_entropy(hidden, weight, target, bias, chunk_size=16, backend="cpu").backward()
+    sizes = {e.name: e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::")}
+    largest = max(sizes.values())
+    assert 0 < largest < v * h * 4, f"{max(sizes, key=sizes.get)} allocated {largest} bytes"
+    assert weight.grad.dtype == dtype and bias.grad is not None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
