@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, print_table, sync  # noqa: E402
+from benchmarks.common import environment, print_table, reset_peak_rss, status_kib, sync  # noqa: E402
 from slmfast.functional import distill_loss, linear_cross_entropy  # noqa: E402
 
 VARIANTS = ("lce", "lce_unfused", "lce_torch", "lce_cce", "distill", "distill_unfused")
@@ -95,25 +95,13 @@ def step_fn(variant, hidden, weight, teacher_hidden, teacher_weight, target):
     return loss.detach()
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    """Sets VmHWM back to the current RSS (Linux: writing 5 to /proc/self/clear_refs)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def child(args) -> None:
     """Runs one variant in this fresh process and prints one JSON line."""
-    base_kib = _status_kib("VmRSS")
+    base_kib = status_kib("VmRSS")
     inputs = make_inputs(args.n, args.hidden, args.vocab_one, DTYPES[args.dtype], "cpu",
                          teacher=args.variant.startswith("distill"))
     reset_peak_rss()  # making the inputs had its own temporaries (randn, then the scaled copy)
-    inputs_kib = _status_kib("VmRSS")
+    inputs_kib = status_kib("VmRSS")
     t0 = time.perf_counter()
     step_fn(args.variant, *inputs)  # warm-up
     warm = time.perf_counter() - t0
@@ -122,7 +110,7 @@ def child(args) -> None:
         t0 = time.perf_counter()
         step_fn(args.variant, *inputs)
         times.append(time.perf_counter() - t0)
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     times.sort()
     print(json.dumps({"variant": args.variant, "time_s": times[len(times) // 2], "warmup_s": warm,
                       "peak_mib": peak_kib / 1024, "above_import_mib": (peak_kib - base_kib) / 1024,

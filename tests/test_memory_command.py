@@ -64,10 +64,14 @@ def test_local_transformers_directory_and_patch(tmp_path, capsys):
 
 
 def test_budget_on_a_real_device(capsys):
-    out = _json_report(capsys, "--model", "nano", "--batch", "1", "--seq", "32", "--device", "cpu",
-                       "--dtype", "fp32", "--policy", "budget:0.9")
-    report = out["reports"]["budget"]
-    assert set(report["policies"]) <= {"none", "selective", "full"}
+    args = ["--model", "nano", "--batch", "2", "--seq", "128", "--device", "cpu", "--dtype", "fp32"]
+    none = _json_report(capsys, *args, "--policy", "none")["reports"]["none"]
+    report = _json_report(capsys, *args, "--policy", "budget:0.8")["reports"]["budget"]
+    assert set(report["policies"]) <= {"none", "selective", "full"} and "full" in report["policies"]
+    assert report["step_peak_bytes"] <= 0.8 * none["step_peak_bytes"]
+    # below what full recomputation peaks at (the embeddings' gradient and the head stay): one line
+    assert main(["memory", *args, "--policy", "budget:0.3"]) == 2
+    assert "the smallest feasible budget is" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [

@@ -87,8 +87,9 @@ def default_chunk_size(rows: int, hidden: int, vocab: int, device: torch.device 
 
 
 def uses_two_pass(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the cross-entropy loops take the two-pass path (bf16/fp16 on the CPU)."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    """Whether the cross-entropy loops take the two-pass path (bf16/fp16 on the CPU; on the meta
+    device too, so that slmfast.recompute's memory count of a CPU model matches its run)."""
+    return device.type in ("cpu", "meta") and dtype in (torch.bfloat16, torch.float16)
 
 
 def two_pass_sizes(rows: int, hidden: int, vocab: int, chunk_size: int | None = None,
@@ -185,10 +186,12 @@ def ce_tile_grad(backend: str, logits, target, stats, grad_scale, col0, cols, ig
         tk.cross_entropy_bwd(grad_scale, logits, local, stats, *args, out=logits)
     else:
         torch.ops.slmfast.cross_entropy_bwd_(grad_scale, logits, local, stats, *args)
-    rows = valid.nonzero()[:, 0]                                                      # (k,)
-    scale = grad_scale.to(torch.float32).expand(len(valid))[rows]                     # (k,)
-    exact = M.ce_grad_values(a[rows], lse[rows], scale, inside[rows], cols, label_smoothing, z_loss, softcap)
-    logits.view(-1).index_copy_(0, rows * width + col[rows], exact.to(logits.dtype))
+    # Every row's target-or-0 column gets the exact value; ignored rows keep the kernel's 0 (a
+    # select, not an index of the valid rows: no data-dependent shape, so it also runs on meta)
+    scale = grad_scale.to(torch.float32).expand(len(valid))                           # (C,)
+    exact = M.ce_grad_values(a, lse, scale, inside, cols, label_smoothing, z_loss, softcap)  # (C,)
+    kept = logits.gather(1, col[:, None])                                             # (C, 1)
+    logits.scatter_(1, col[:, None], torch.where(valid[:, None], exact.to(logits.dtype)[:, None], kept))
     return logits
 
 
@@ -287,9 +290,7 @@ def chunked(rows_fn, hidden, weight, bias, vocab, chunk_size, grad_scale, need):
     acc = M.acc_dtype(hidden.dtype)
     loss = torch.empty(n, dtype=acc, device=hidden.device)
     grads = GradAccumulator(hidden, weight, bias, vocab, *need) if grad_scale is not None else None
-    # (meta tensors have no autocast; slmfast.recompute's tracker runs this loop on them to count its chunks)
-    meta = hidden.device.type == "meta"
-    with nullcontext() if meta else torch.autocast(hidden.device.type, enabled=False):
+    with _without_autocast(hidden.device):
         for c0 in range(0, n, chunk_size):
             c1 = min(n, c0 + chunk_size)
             logits = logits_of(hidden[c0:c1], weight, bias, vocab)  # (C, V)
@@ -331,7 +332,7 @@ def two_pass(rows_fn, tile_fn, hidden, weight, bias, vocab, sizes, grad_scale, n
     gb = torch.empty_like(bias) if need[2] else weight.new_empty(0)
     if n == 0:  # no tokens: nothing to sum, zero parameter gradients
         return loss, gh, gw.zero_(), gb.zero_()
-    with torch.autocast(hidden.device.type, enabled=False):
+    with _without_autocast(hidden.device):
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)
             logits = logits_of(hidden[c0:c1], weight, bias, vocab)  # (C, V)
@@ -380,6 +381,12 @@ def _acc_weight_grad_t(acc_t, dlogits, hidden) -> None:
         torch.ops.slmfast.loss_grad_weight_acc_(acc_t, dlogits, hidden)
     else:
         acc_t.add_(torch.mm(hidden.t(), dlogits))  # (H, Vt) in the operands' dtype, then summed
+
+
+def _without_autocast(device: torch.device):
+    """The loops run in the inputs' dtype: autocast off. The meta device has no autocast (and
+    slmfast.recompute's tracker runs these loops on meta tensors to count their chunks)."""
+    return nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 def _concrete(t: torch.Tensor) -> bool:
