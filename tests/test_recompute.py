@@ -216,15 +216,19 @@ def test_planner_bounds_the_step_peak_and_is_monotonic():
 
 
 def test_saved_bytes_promise_more_than_the_peak_delivers():
-    """Why the default measures the peak: a plan that halves the saved activations leaves the
-    step's peak well above half of "none" (the backward's own allocations stay)."""
+    """Why the default measures the peak: recomputing every block cuts the saved activations far
+    more than the step's peak, because the backward regenerates a block's activations and adds
+    its gradient temporaries while it runs (deterministic: uniform policies, no timings)."""
     model = _deep_llama()
     batch = _batch(vocab=64, seq=128)
     none = rc.report(model, batch)
-    rc.apply(model, rc.MemoryBudget(0.5, measure="saved"), batch=batch)
-    saved_plan = rc.report(model, batch)
-    assert saved_plan.activation_bytes <= 0.5 * none.activation_bytes
-    assert saved_plan.step_peak_bytes > 0.5 * none.step_peak_bytes
+    rc.apply(model, "full")
+    full = rc.report(model, batch)
+    saved_ratio = full.activation_bytes / none.activation_bytes
+    peak_ratio = full.step_peak_bytes / none.step_peak_bytes
+    assert saved_ratio < 0.5 * peak_ratio, (saved_ratio, peak_ratio)
+    # the backward of the last block holds its regenerated activations: at least "none"'s block
+    assert max(full.peak_bytes_per_block) >= none.activation_bytes_per_block[-1]
 
 
 @pytest.mark.parametrize("measure", ["peak", "saved"])
