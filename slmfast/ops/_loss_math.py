@@ -180,11 +180,17 @@ def distill_rows_reference(student_logits, teacher_logits, target, kind: int, be
     lq = F.log_softmax(student_logits / temperature, -1)
     lp = F.log_softmax(teacher_logits / temperature, -1)
     rows = temperature ** 2 * soft_rows_reference(lq, lp, kind, beta)
-    if target is not None:
-        rows = torch.where(target != ignore_index, rows, 0)
-        if hard_weight:
-            rows = rows + hard_weight * F.cross_entropy(student_logits, target, ignore_index=ignore_index,
-                                                        reduction="none")
+    return _with_hard_rows(rows, student_logits, target, hard_weight, ignore_index)
+
+
+def _with_hard_rows(rows, student_logits, target, hard_weight: float, ignore_index: int):
+    """The references' common end: ignored rows exactly 0, plus hard_weight * CE on the target."""
+    if target is None:
+        return rows
+    rows = torch.where(target != ignore_index, rows, 0)
+    if hard_weight:
+        rows = rows + hard_weight * F.cross_entropy(student_logits, target, ignore_index=ignore_index,
+                                                    reduction="none")
     return rows
 
 
@@ -213,12 +219,7 @@ def topk_rows_reference(student_logits, topk_ids, topk_logprobs, target, kind: i
         p_tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp(min=0)
         lp_t = F.log_softmax(torch.cat([lp, _tail_log(p_tail)], -1) / temperature, -1)
     rows = temperature ** 2 * soft_rows_reference(lq, lp_t, kind, beta)
-    if target is not None:
-        rows = torch.where(target != ignore_index, rows, 0)
-        if hard_weight:
-            rows = rows + hard_weight * F.cross_entropy(student_logits, target, ignore_index=ignore_index,
-                                                        reduction="none")
-    return rows
+    return _with_hard_rows(rows, student_logits, target, hard_weight, ignore_index)
 
 
 # ---- row kernels of the torch backend: explicit formulas, gradient over the logits ----------
@@ -412,13 +413,7 @@ def sampled_rows_reference(student_logits, sample_ids, sample_weights, entropy, 
     rows = -torch.where(w == 0, 0, w * lq).sum(-1)
     if entropy is not None:
         rows = rows - entropy.to(rows.dtype)
-    rows = temperature ** 2 * rows
-    if target is not None:
-        rows = torch.where(target != ignore_index, rows, 0)
-        if hard_weight:
-            rows = rows + hard_weight * F.cross_entropy(student_logits, target, ignore_index=ignore_index,
-                                                        reduction="none")
-    return rows
+    return _with_hard_rows(temperature ** 2 * rows, student_logits, target, hard_weight, ignore_index)
 
 
 def sampled_rows_torch(student, sample_ids, sample_weights, entropy, target, grad_scale, temperature,

@@ -189,6 +189,13 @@ def _fused_backward(ctx, grad_loss, *_):
     return (gh, gw, gb if ctx.has_bias else None, *([None] * (ctx.num_inputs - 3)))
 
 
+def _summed_loss(rows_fn, sh, sw, sb, vocab: int, chunk_size: int, scale, need):
+    """The fused ops' common body: the chunk loop over rows_fn, gradients only when one is needed
+    (need = grad_hidden, grad_weight, grad_bias), the loss as scale * the sum of the rows."""
+    rows, gh, gw, gb = C.chunked(rows_fn, sh, sw, sb, vocab, chunk_size, scale if any(need) else None, need)
+    return rows.sum() * scale, gh, gw, gb
+
+
 @torch.library.custom_op("slmfast_loss::distill_fused", mutates_args=())
 def _distill_fused(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, th: torch.Tensor,
                    tw: torch.Tensor, tb: torch.Tensor | None, target: torch.Tensor | None,
@@ -204,10 +211,7 @@ def _distill_fused(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, 
         return C.distill_rows(backend, logits, t, y, grad_scale, kind, beta, temperature, hard_weight,
                               ignore_index)
 
-    compute = grad_hidden or grad_weight or grad_bias
-    rows, gh, gw, gb = C.chunked(rows_fn, sh, sw, sb, vocab, chunk_size, scale if compute else None,
-                                 (grad_hidden, grad_weight, grad_bias))
-    return rows.sum() * scale, gh, gw, gb
+    return _summed_loss(rows_fn, sh, sw, sb, vocab, chunk_size, scale, (grad_hidden, grad_weight, grad_bias))
 
 
 _distill_fused.register_fake(_fake_fused)
@@ -225,10 +229,8 @@ def _topk_fused(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, ids
         return M.topk_rows_torch(logits, ids[c0:c1], logprobs[c0:c1], y, grad_scale, kind, beta, temperature,
                                  hard_weight, ignore_index, tail)
 
-    compute = grad_hidden or grad_weight or grad_bias
-    rows, gh, gw, gb = C.chunked(rows_fn, sh, sw, sb, sw.shape[0], chunk_size, scale if compute else None,
-                                 (grad_hidden, grad_weight, grad_bias))
-    return rows.sum() * scale, gh, gw, gb
+    return _summed_loss(rows_fn, sh, sw, sb, sw.shape[0], chunk_size, scale,
+                        (grad_hidden, grad_weight, grad_bias))
 
 
 _topk_fused.register_fake(_fake_fused)
@@ -268,10 +270,8 @@ def _sampled_fused(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, 
         rows = rows * total + t2 * (total * h_hat - (h.to(total.dtype) if h is not None else 0))
         return torch.where(y != ignore_index, rows, 0) if y is not None else rows
 
-    compute = grad_hidden or grad_weight or grad_bias
-    rows, gh, gw, gb = C.chunked(rows_fn, sh, sw, sb, sw.shape[0], chunk_size, scale if compute else None,
-                                 (grad_hidden, grad_weight, grad_bias))
-    return rows.sum() * scale, gh, gw, gb
+    return _summed_loss(rows_fn, sh, sw, sb, sw.shape[0], chunk_size, scale,
+                        (grad_hidden, grad_weight, grad_bias))
 
 
 _sampled_fused.register_fake(_fake_fused)

@@ -88,9 +88,9 @@ def plans(model: nn.Module, budgets: list[MemoryBudget], batch, *, layers=None,
         except ValueError as error:
             results.append(error)
             continue
-        phase = memory.phase(policies) if budget.measure == "peak" else "saved"
-        results.append(Plan(policies, budget.measure, memory.bound(policies, budget.measure), phase, cost,
-                            budget_bytes, none_bytes, memory.bound(["full"] * len(blocks), budget.measure)))
+        predicted, phase = memory.predict(policies, budget.measure)
+        results.append(Plan(policies, budget.measure, predicted, phase, cost, budget_bytes, none_bytes,
+                            memory.bound(["full"] * len(blocks), budget.measure)))
     return results
 
 

@@ -92,25 +92,22 @@ class ModelMemory:
 
     def bound(self, policies: list[str], measure: str) -> int:
         """The plan's peak (or saved bytes) as the module docstring predicts it."""
-        return _bound_and_phase(self, policies, measure)[0]
+        return self.predict(policies, measure)[0]
 
-    def phase(self, policies: list[str]) -> str:
-        """Where the predicted peak falls: 'embeddings', 'head', 'forward block b', 'backward block b'."""
-        return _bound_and_phase(self, policies, "peak")[1]
-
-
-def _bound_and_phase(memory: ModelMemory, policies: list[str], measure: str) -> tuple[int, str]:
-    prefix = 0
-    candidates = [(memory.embed, "embeddings")] if measure == "peak" else []
-    for b, policy in enumerate(policies):
-        figures = memory.blocks[b][policy]
-        if measure == "peak":
-            candidates += [(prefix + figures.forward, f"forward block {b}"),
-                           (prefix + figures.backward, f"backward block {b}")]
-        prefix += figures.saved
-    tail = memory.head if measure == "peak" else memory.saved_outside
-    candidates.append((prefix + tail, "head" if measure == "peak" else "saved"))
-    return max(candidates, key=lambda c: c[0])
+    def predict(self, policies: list[str], measure: str) -> tuple[int, str]:
+        """(bound, where it falls): 'embeddings', 'head', 'forward block b', 'backward block b', or
+        'saved' for measure="saved"."""
+        prefix = 0
+        candidates = [(self.embed, "embeddings")] if measure == "peak" else []
+        for b, policy in enumerate(policies):
+            figures = self.blocks[b][policy]
+            if measure == "peak":
+                candidates += [(prefix + figures.forward, f"forward block {b}"),
+                               (prefix + figures.backward, f"backward block {b}")]
+            prefix += figures.saved
+        tail = self.head if measure == "peak" else self.saved_outside
+        candidates.append((prefix + tail, "head" if measure == "peak" else "saved"))
+        return max(candidates, key=lambda c: c[0])
 
 
 @dataclass
