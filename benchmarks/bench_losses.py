@@ -1,7 +1,7 @@
 """Memory-lean losses: peak memory and fwd+bwd time against the unfused PyTorch computation.
 
 Variants, on the same inputs (hidden states and LM-head weights in --dtype, bf16 by default):
-  lce             slmfast.functional.linear_cross_entropy (chunked, gradients in the forward)
+  lce             slmfast.functional.linear_cross_entropy (chunked; bf16/fp16 on the CPU in two passes)
   lce_unfused     logits = hidden @ W.T, then F.cross_entropy(logits.float(), target)
   lce_torch       torch's own chunked F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())
   lce_cce         Apple's cut-cross-entropy, impl="torch_compile" (its CPU path; `pip install --no-deps
@@ -65,8 +65,9 @@ def make_inputs(n, h, v, dtype, device, teacher=True, seed=0):
     return hidden, weight, teacher_hidden, teacher_weight, target
 
 
-def step_fn(variant, hidden, weight, teacher_hidden, teacher_weight, target):
-    """One forward + backward of the variant; returns the loss."""
+def step_fn(variant, hidden, weight, teacher_hidden, teacher_weight, target, keep_grads=False):
+    """One forward + backward of the variant; returns the loss (the gradients stay in .grad with
+    keep_grads, else they are dropped)."""
     if variant == "lce":
         loss = linear_cross_entropy(hidden, weight, target)
     elif variant == "lce_unfused":
@@ -91,8 +92,44 @@ def step_fn(variant, hidden, weight, teacher_hidden, teacher_weight, target):
     else:
         raise ValueError(variant)
     loss.backward()
-    hidden.grad = weight.grad = None
+    if not keep_grads:
+        hidden.grad = weight.grad = None
     return loss.detach()
+
+
+def lce_reference_fp64(hidden, weight, target, chunk=256):
+    """The mean cross-entropy and its gradients in float64, chunk by chunk over the tokens (the
+    (N, V) float64 logits would not fit at the large shapes): (loss, d hidden, d weight)."""
+    h, w = hidden.detach().double(), weight.detach().double()  # (N, H), (V, H)
+    valid = target != -100
+    count = int(valid.sum())
+    loss, gh, gw = 0.0, torch.empty_like(h), torch.zeros_like(w)
+    for c0 in range(0, h.shape[0], chunk):
+        rows, y, keep = h[c0:c0 + chunk], target[c0:c0 + chunk].clamp(min=0), valid[c0:c0 + chunk]
+        logits = rows @ w.t()                                                           # (C, V)
+        lse = logits.logsumexp(-1)                                                      # (C,)
+        loss += float(((lse - logits.gather(1, y[:, None])[:, 0]) * keep).sum())
+        grad = (logits - lse[:, None]).exp_()                                           # softmax (C, V)
+        grad[torch.arange(len(y)), y] -= 1.0
+        grad *= keep[:, None] / count
+        gh[c0:c0 + chunk] = grad @ w
+        gw += grad.t() @ rows
+    return loss / count, gh, gw
+
+
+def gradient_errors(variant, inputs) -> dict:
+    """Relative errors (Frobenius) of the variant's loss and gradients against lce_reference_fp64."""
+    hidden, weight, *_, target = inputs
+    loss = step_fn(variant, *inputs, keep_grads=True)
+    ref_loss, ref_gh, ref_gw = lce_reference_fp64(hidden, weight, target)
+
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm())
+
+    errors = {"loss_err": abs(float(loss) - ref_loss) / abs(ref_loss),
+              "dhidden_err": rel(hidden.grad, ref_gh), "dweight_err": rel(weight.grad, ref_gw)}
+    hidden.grad = weight.grad = None
+    return errors
 
 
 def child(args) -> None:
@@ -105,16 +142,22 @@ def child(args) -> None:
     t0 = time.perf_counter()
     step_fn(args.variant, *inputs)  # warm-up
     warm = time.perf_counter() - t0
+    warm_kib = status_kib("VmHWM")
+    reset_peak_rss()  # the steady figure: steps after the first (no first-use library pages)
     times = []
     for _ in range(args.reps):
         t0 = time.perf_counter()
         step_fn(args.variant, *inputs)
         times.append(time.perf_counter() - t0)
-    peak_kib = status_kib("VmHWM")
+    steady_kib = status_kib("VmHWM")
+    peak_kib = max(warm_kib, steady_kib)
     times.sort()
-    print(json.dumps({"variant": args.variant, "time_s": times[len(times) // 2], "warmup_s": warm,
-                      "peak_mib": peak_kib / 1024, "above_import_mib": (peak_kib - base_kib) / 1024,
-                      "step_mib": (peak_kib - inputs_kib) / 1024}))
+    result = {"variant": args.variant, "time_s": times[len(times) // 2], "warmup_s": warm,
+              "peak_mib": peak_kib / 1024, "above_import_mib": (peak_kib - base_kib) / 1024,
+              "step_mib": (peak_kib - inputs_kib) / 1024, "steady_mib": (steady_kib - inputs_kib) / 1024}
+    if args.error and args.variant.startswith("lce"):
+        result.update(gradient_errors(args.variant, inputs))
+    print(json.dumps(result))
 
 
 def input_mib(variant: str, n: int, h: int, v: int, dtype: str) -> float:
@@ -157,7 +200,8 @@ def run_cpu(args, vocab) -> dict:
             results[variant] = {"skipped": f"needs ~{need:.0f} GiB, {available_gib():.0f} GiB available"}
             continue
         cmd = [sys.executable, __file__, "--child", "--variant", variant, "--n", str(args.n), "--hidden",
-               str(args.hidden), "--vocab-one", str(vocab), "--dtype", args.dtype, "--reps", str(args.reps)]
+               str(args.hidden), "--vocab-one", str(vocab), "--dtype", args.dtype, "--reps", str(args.reps),
+               *(["--error"] if args.error else [])]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
         if out.returncode != 0:
             results[variant] = {"skipped": f"child failed: {out.stderr.strip().splitlines()[-1:]}"}
@@ -224,6 +268,11 @@ def run_table(args) -> None:
                             "above import MiB": f"{r['above_import_mib']:.0f}",
                             "step MiB": f"{r['step_mib']:.0f}", "floor MiB": f"{floor:.0f}",
                             "x floor": f"{(inputs + r['step_mib']) / floor:.2f}"})
+                if "steady_mib" in r:
+                    row["x floor steady"] = f"{(inputs + r['steady_mib']) / floor:.2f}"
+                for key in ("loss_err", "dhidden_err", "dweight_err"):
+                    if key in r:
+                        row[key.replace("_err", " err")] = f"{r[key]:.2e}"
                 b = res.get(base)
                 if name != base and b is not None and "skipped" not in b:
                     row["time ratio"] = f"{r['time_s'] / b['time_s']:.2f}"
@@ -231,13 +280,16 @@ def run_table(args) -> None:
                     row["above-import ratio"] = f"{r['above_import_mib'] / b['above_import_mib']:.3f}"
                 rows.append(row)
     columns = ["variant", "pass", "N x H x V", "dtype", "time s", "peak MiB", "above import MiB", "step MiB",
-               "floor MiB", "x floor", "time ratio", "peak ratio", "above-import ratio"]
+               "floor MiB", "x floor", "x floor steady", "time ratio", "peak ratio", "above-import ratio",
+               "loss err", "dhidden err", "dweight err"]
     if args.device == "cuda":
         columns.remove("above import MiB")
         columns.remove("above-import ratio")
     print_table(rows, columns)
     print("(ratios: variant / unfused; < 1 is better. 'step MiB': peak RSS above the RSS once the inputs "
-          "exist; 'x floor': (inputs + step) / (inputs + their gradients); targets for slmfast: "
+          "exist, the warm-up step included; 'x floor': (inputs + step) / (inputs + their gradients); "
+          "'x floor steady': the same over the steps after the warm-up (no first-use library pages); "
+          "errors: relative to a float64 computation on the same inputs; targets for slmfast: "
           "<= 1.1x floor and time <= 1.0x unfused)")
 
 
@@ -265,6 +317,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--error", action="store_true",
+                        help="also the loss and gradient errors against float64 (lce variants; slow at "
+                             "large V)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--vocab-one", type=int, help=argparse.SUPPRESS)

@@ -26,8 +26,6 @@ measured peak also fits the budget (target <= 1.0). Models:
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -40,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import slmfast.recompute as rc  # noqa: E402
-from benchmarks.common import environment, print_table, reset_peak_rss, status_kib  # noqa: E402
+from benchmarks.common import environment, print_table, step_peak_rss  # noqa: E402
 
 UNIFORM = ("none", "selective", "full")
 MIB = 2.0 ** 20
@@ -88,16 +86,7 @@ def measure_child(args) -> dict:
     def step():
         loss_of(rc.measure.run_model(model, inputs)).backward()
 
-    step()                                   # the gradients exist from here on
-    model.zero_grad(set_to_none=False)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base_kib = status_kib("VmRSS")
-    reset_peak_rss()                                # VmHWM := VmRSS
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    peak = (status_kib("VmHWM") - base_kib) * 1024
+    peak, first = step_peak_rss(step, model)
     times = [first]
     for _ in range(args.reps - 1):
         model.zero_grad(set_to_none=False)

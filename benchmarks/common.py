@@ -56,6 +56,26 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def step_peak_rss(step: Callable[[], None], model: torch.nn.Module) -> tuple[int, float]:
+    """(bytes, seconds) of one training step's real peak: step() runs once to make the gradients,
+    which are then zeroed in place; the freed heap is trimmed (malloc_trim) and VmHWM reset; the
+    measured step's peak resident set size above the RSS before it, and its wall time. Run the
+    process with MALLOC_MMAP_THRESHOLD_ fixed (bench_recompute_peak.py says why)."""
+    import ctypes
+    import gc
+
+    step()                                   # the gradients exist from here on
+    model.zero_grad(set_to_none=False)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base_kib = status_kib("VmRSS")
+    reset_peak_rss()                         # VmHWM := VmRSS
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    return (status_kib("VmHWM") - base_kib) * 1024, seconds
+
+
 def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

@@ -14,10 +14,11 @@ the gradients during the forward). The row kernels come from the backend: `torch
 grad_W is summed over chunks in float32 when the weight is bf16/fp16, a V x H float32 buffer:
 twice the gradient.
 
-Two passes (two_pass; the cross-entropy of linear_cross_entropy with bf16/fp16 weights on the
-CPU), which never hold that buffer (the idea of Wijmans et al. 2024, "Cut Your Losses in
-Large-Vocabulary Language Models": the weight gradient accumulated in float32 one vocabulary tile
-at a time and written once):
+Two passes (first_pass, then second_pass, or both in two_pass; the cross-entropy of
+linear_cross_entropy with bf16/fp16 weights on the CPU, whose forward runs pass 1 and whose
+backward runs pass 2), which never hold that buffer (the idea of Wijmans et al. 2024, "Cut Your
+Losses in Large-Vocabulary Language Models": the weight gradient accumulated in float32 one
+vocabulary tile at a time and written once):
   pass 1, chunks of C tokens: logits, the row kernel's loss and in-place dlogits, grad_hidden[chunk]
           = dlogits @ W, and each row's softmax statistics (m, r), lse = m + r (N x 2 floats);
   pass 2, tiles of Vt rows of W: the tile's logits for Ct tokens at a time (Ct = N where the
@@ -311,46 +312,68 @@ def _chunk_scale(grad_scale, c0: int, c1: int):
 
 
 def two_pass(rows_fn, tile_fn, hidden, weight, bias, vocab, sizes, grad_scale, need):
-    """The loss and its gradients without a float32 sum of grad_W over tokens (bf16/fp16 weights
-    on the CPU; module docstring). sizes = (C, Ct, Vt, R) from two_pass_sizes.
+    """Both passes in one call: first_pass, then second_pass (the backward of reduction="none",
+    which has its per-row incoming gradient only then). Returns (loss rows (N,) float32,
+    grad_hidden, grad_weight, grad_bias), unneeded ones empty."""
+    loss, gh, stats = first_pass(rows_fn, hidden, weight, bias, vocab, sizes[0], grad_scale, need[0])
+    if not (need[1] or need[2]):
+        return loss, gh, weight.new_empty(0), weight.new_empty(0)
+    gw, gb = second_pass(tile_fn, hidden, weight, bias, vocab, sizes, stats, grad_scale, need[1], need[2])
+    return loss, gh, gw, gb
 
-    Pass 1, chunks of C tokens: logits (C, V), rows_fn(c0, c1, logits, scale) -> (loss rows, lse
-    rows) leaving the scaled gradient in logits, grad_hidden[chunk] = dlogits @ W; each row's
-    log-sum-exp is kept (N floats). Pass 2, for each tile of Vt rows of W and each chunk of Ct
-    tokens: the tile's logits (Ct, Vt) again, tile_fn(c0, c1, v0, logits, lse rows, scale) writes
-    their gradient over them, R rows at a time (the same numbers pass 1's kernel wrote into those
-    columns), and grad_W[tile] (Vt, H) = dlogits^T h: with Ct = N one GEMM (float32 accumulation
-    inside it) written straight into grad_W; with Ct < N summed over the chunks in a float32 (H, Vt)
-    tile (loss_grad_weight_acc_) and written once. Four GEMMs where the one-pass loop has three.
-    Returns (loss rows (N,) float32, grad_hidden, grad_weight, grad_bias), unneeded ones empty."""
-    n, width = hidden.shape
-    chunk, tile_rows, vocab_tile, block = sizes
+
+def first_pass(rows_fn, hidden, weight, bias, vocab, chunk, grad_scale, need_hidden):
+    """Pass 1 of the two-pass loop (module docstring), chunks of `chunk` tokens: logits (C, V),
+    rows_fn(c0, c1, logits, scale) -> (loss rows, stats rows) leaving the scaled gradient in
+    logits (when grad_scale is given), and grad_hidden[chunk] = dlogits @ W. Returns (loss rows
+    (N,) float32, grad_hidden or empty, stats (N, k) float32: what rows_fn keeps per row for
+    second_pass)."""
+    n = hidden.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    stats = torch.empty(n, 2, dtype=torch.float32, device=hidden.device)
-    gh = torch.empty_like(hidden) if need[0] else hidden.new_empty(0)
-    gw = torch.empty_like(weight) if need[1] else weight.new_empty(0)
-    gb = torch.empty_like(bias) if need[2] else weight.new_empty(0)
-    if n == 0:  # no tokens: nothing to sum, zero parameter gradients
-        return loss, gh, gw.zero_(), gb.zero_()
+    gh = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    stats = None
     with _without_autocast(hidden.device):
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)
             logits = logits_of(hidden[c0:c1], weight, bias, vocab)  # (C, V)
-            loss[c0:c1], stats[c0:c1] = rows_fn(c0, c1, logits, _chunk_scale(grad_scale, c0, c1))
-            if need[0]:
+            scale = _chunk_scale(grad_scale, c0, c1) if grad_scale is not None else None
+            loss[c0:c1], rows_stats = rows_fn(c0, c1, logits, scale)
+            if stats is None:
+                stats = torch.empty(n, rows_stats.shape[1], dtype=torch.float32, device=hidden.device)
+            stats[c0:c1] = rows_stats
+            if need_hidden:
                 torch.mm(logits, weight[:vocab], out=gh[c0:c1])  # (C, H)
             del logits
-        if not (need[1] or need[2]):
-            return loss, gh, gw, gb
-        summed = need[1] and tile_rows < n
-        acc_t = (torch.empty((width, vocab_tile), dtype=torch.float32, device=hidden.device) if summed
-                 else None)  # (H, Vt)
+    if stats is None:  # no tokens
+        stats = torch.zeros(0, 2, dtype=torch.float32, device=hidden.device)
+    return loss, gh, stats
+
+
+def second_pass(tile_fn, hidden, weight, bias, vocab, sizes, stats, grad_scale, need_weight, need_bias):
+    """Pass 2 of the two-pass loop, the weight's gradient (module docstring). sizes = (C, Ct, Vt,
+    R) from two_pass_sizes; stats (N, k) from first_pass. For each tile of Vt rows of W and each
+    chunk of Ct tokens: the tile's logits (Ct, Vt) again, tile_fn(c0, c1, v0, logits, stats rows,
+    scale) writes their gradient over them, R rows at a time (the numbers pass 1's kernel wrote
+    into those columns), and grad_W[tile] (Vt, H) = dlogits^T h: with Ct = N one GEMM (float32
+    accumulation inside it) written straight into grad_W; with Ct < N summed over the chunks in a
+    float32 (H, Vt) tile (loss_grad_weight_acc_) and written once. Returns (grad_weight,
+    grad_bias), unneeded ones empty."""
+    n, width = hidden.shape
+    _, tile_rows, vocab_tile, block = sizes
+    gw = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    gb = torch.empty_like(bias) if need_bias else weight.new_empty(0)
+    if n == 0:  # no tokens: nothing to sum, zero parameter gradients
+        return gw.zero_(), gb.zero_()
+    summed = need_weight and tile_rows < n
+    acc_t = (torch.empty((width, vocab_tile), dtype=torch.float32, device=hidden.device) if summed
+             else None)  # (H, Vt)
+    with _without_autocast(hidden.device):
         for v0 in range(0, vocab, vocab_tile):
             v1 = min(vocab, v0 + vocab_tile)
             tile_w = weight[v0:v1]  # (Vt, H)
             tile_b = bias[v0:v1] if bias is not None else None
             gw_t = acc_t[:, :v1 - v0].zero_() if summed else None  # (H, Vt) float32
-            gb_t = torch.zeros(v1 - v0, dtype=torch.float32, device=hidden.device) if need[2] else None
+            gb_t = torch.zeros(v1 - v0, dtype=torch.float32, device=hidden.device) if need_bias else None
             for c0 in range(0, n, tile_rows):
                 c1 = min(n, c0 + tile_rows)
                 h = hidden[c0:c1]  # (Ct, H)
@@ -358,21 +381,21 @@ def two_pass(rows_fn, tile_fn, hidden, weight, bias, vocab, sizes, grad_scale, n
                 for r0 in range(c0, c1, block):
                     r1 = min(c1, r0 + block)
                     tile_fn(r0, r1, v0, d[r0 - c0:r1 - c0], stats[r0:r1], _chunk_scale(grad_scale, r0, r1))
+                if need_bias:
+                    gb_t.add_(d.sum(0, dtype=torch.float32))
                 if summed:
                     _acc_weight_grad_t(gw_t, d, h)
-                elif need[1]:
+                elif need_weight:
                     torch.mm(d.t(), h, out=gw[v0:v1])  # (Vt, H)
-                if need[2]:
-                    gb_t.add_(d.sum(0, dtype=torch.float32))
                 del d
             if summed:
                 gw[v0:v1].copy_(gw_t.t())
-            if need[2]:
+            if need_bias:
                 gb[v0:v1].copy_(gb_t)
-        for g, needed in ((gw, need[1]), (gb, need[2])):
-            if needed:
-                g[vocab:].zero_()  # rows of the weight beyond the vocabulary (padding): no gradient
-    return loss, gh, gw, gb
+    for g, needed in ((gw, need_weight), (gb, need_bias)):
+        if needed:
+            g[vocab:].zero_()  # rows of the weight beyond the vocabulary (padding): no gradient
+    return gw, gb
 
 
 def _acc_weight_grad_t(acc_t, dlogits, hidden) -> None:

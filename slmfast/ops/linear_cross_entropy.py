@@ -24,11 +24,15 @@ Two ways to the gradients, chosen per call:
   dtype) and grad_weight (V x H, weight's dtype) and grad_bias (V), i.e. exactly the bytes of the
   gradients the backward returns, nothing of size N x V. Transient, during the forward: one chunk
   of logits (C x V, input dtype) and, for bf16/fp16 weights on a GPU, the float32 grad_W sum
-  (V x H x 4). bf16/fp16 on the CPU take two passes instead (_loss_chunks.two_pass: 4 GEMMs, the
-  weight gradient rebuilt one vocabulary tile at a time from each row's log-sum-exp, no float32
-  V x H buffer; transient: one chunk of logits or one (N, Vt) tile, each <= 5% of the inputs and
-  their gradients, and 2 floats per token).
-  When the incoming gradient is exactly 1 the saved gradients are handed over without a copy.
+  (V x H x 4). When the incoming gradient is exactly 1 the saved gradients are handed over
+  without a copy.
+  bf16/fp16 on the CPU take two passes instead (_loss_chunks.first_pass / second_pass; 4 GEMMs),
+  which never hold a float32 V x H buffer: the forward (pass 1) computes the loss, grad_hidden and
+  each row's softmax stats (m, r); the backward (pass 2) rebuilds the weight's gradient one
+  vocabulary tile at a time from those stats, times the incoming gradient. Saved for backward:
+  hidden, weight, bias and target (the inputs), grad_hidden (N x H) and 2 floats per token; the
+  weight's gradient exists only from the backward on. Transient: one chunk of logits or one
+  (N, Vt) tile, each <= 5% of the inputs and their gradients.
 * reduction "none" (per-token losses, any incoming gradient) or no gradients: the forward keeps
   only the per-row losses; the backward recomputes each chunk's logits (4 GEMMs; 5 for bf16/fp16
   on the CPU). Saved: the inputs (hidden, weight, bias, target: alive anyway) and nothing else.
@@ -74,23 +78,29 @@ def _rows_fn(backend, target, ignore_index, label_smoothing, softcap, with_stats
     return rows
 
 
+def _tile_grad_fn(backend, target, vocab, ignore_index, label_smoothing, softcap):
+    def tile_grad(c0, c1, v0, logits, stats, tile_scale):
+        return C.ce_tile_grad(backend, logits, target[c0:c1], stats, tile_scale, v0, vocab, ignore_index,
+                              label_smoothing, 0.0, softcap)
+    return tile_grad
+
+
+def _two_pass_sizes(backend, hidden, weight, chunk_size):
+    return C.two_pass_sizes(hidden.shape[0], hidden.shape[1], weight.shape[0], chunk_size, backend == "torch")
+
+
 def _loss_and_grads(backend, hidden, weight, bias, target, scale, ignore_index, label_smoothing, softcap,
                     chunk_size, need):
-    """(loss rows, grad_hidden, grad_weight, grad_bias) of sum_i scale_i loss_i: one pass over the
-    tokens (C.chunked), or for bf16/fp16 on the CPU the two passes of C.two_pass, whose weight
-    gradient is rebuilt tile by tile (C.ce_tile_grad) from each row's log-sum-exp."""
+    """(loss rows, grad_hidden, grad_weight, grad_bias) of sum_i scale_i loss_i in one call (the
+    backward of reduction="none"): one pass over the tokens (C.chunked), or for bf16/fp16 on the
+    CPU both passes of C.two_pass, the weight gradient rebuilt tile by tile (C.ce_tile_grad)."""
     vocab = weight.shape[0]
     if not C.uses_two_pass(hidden.device, hidden.dtype):
         return C.chunked(_rows_fn(backend, target, ignore_index, label_smoothing, softcap), hidden, weight,
                          bias, vocab, chunk_size, scale, need)
-
-    def tile_grad(c0, c1, v0, logits, stats, tile_scale):
-        return C.ce_tile_grad(backend, logits, target[c0:c1], stats, tile_scale, v0, vocab, ignore_index,
-                              label_smoothing, 0.0, softcap)
-
-    sizes = C.two_pass_sizes(hidden.shape[0], hidden.shape[1], vocab, chunk_size, backend == "torch")
-    return C.two_pass(_rows_fn(backend, target, ignore_index, label_smoothing, softcap, True), tile_grad,
-                      hidden, weight, bias, vocab, sizes, scale, need)
+    return C.two_pass(_rows_fn(backend, target, ignore_index, label_smoothing, softcap, True),
+                      _tile_grad_fn(backend, target, vocab, ignore_index, label_smoothing, softcap), hidden,
+                      weight, bias, vocab, _two_pass_sizes(backend, hidden, weight, chunk_size), scale, need)
 
 
 @torch.library.custom_op("slmfast_loss::linear_cross_entropy_fused", mutates_args=())
@@ -99,9 +109,9 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
            grad_hidden: bool, grad_weight: bool, grad_bias: bool,
            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scale * sum of row losses, and its gradients (empty where not asked), in one pass."""
-    rows, gh, gw, gb = _loss_and_grads(backend, hidden, weight, bias, target, scale, ignore_index,
-                                       label_smoothing, softcap, chunk_size,
-                                       (grad_hidden, grad_weight, grad_bias))
+    rows, gh, gw, gb = C.chunked(_rows_fn(backend, target, ignore_index, label_smoothing, softcap), hidden,
+                                 weight, bias, weight.shape[0], chunk_size, scale,
+                                 (grad_hidden, grad_weight, grad_bias))
     return rows.sum() * scale, gh, gw, gb
 
 
@@ -128,6 +138,72 @@ def _fused_backward(ctx, grad_loss, _gh, _gw, _gb):
 
 
 _fused.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+@torch.library.custom_op("slmfast_loss::linear_cross_entropy_first_pass", mutates_args=())
+def _first_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                scale: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float,
+                chunk_size: int, grad_hidden: bool,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two passes, forward: scale * sum of row losses, grad_hidden (empty when not asked) and
+    each row's softmax stats (N, 2); the weight's gradient waits for the backward (_second_pass)."""
+    rows, gh, stats = C.first_pass(_rows_fn(backend, target, ignore_index, label_smoothing, softcap, True),
+                                   hidden, weight, bias, weight.shape[0], chunk_size, scale, grad_hidden)
+    return rows.sum() * scale, gh, stats
+
+
+@_first_pass.register_fake
+def _(hidden, weight, bias, target, scale, ignore_index, label_smoothing, softcap, chunk_size, grad_hidden,
+      backend):
+    return (scale.new_empty(()), torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+            hidden.new_empty((hidden.shape[0], 2), dtype=torch.float32))
+
+
+@torch.library.custom_op("slmfast_loss::linear_cross_entropy_second_pass", mutates_args=())
+def _second_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                 stats: torch.Tensor, grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
+                 softcap: float, chunk_size: int, grad_weight: bool, grad_bias: bool,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two passes, backward: grad_weight and grad_bias of grad_scale * sum of row losses, one
+    vocabulary tile at a time, from the first pass's stats."""
+    tile_grad = _tile_grad_fn(backend, target, weight.shape[0], ignore_index, label_smoothing, softcap)
+    return C.second_pass(tile_grad, hidden, weight, bias, weight.shape[0],
+                         _two_pass_sizes(backend, hidden, weight, chunk_size), stats, grad_scale, grad_weight,
+                         grad_bias)
+
+
+@_second_pass.register_fake
+def _(hidden, weight, bias, target, stats, grad_scale, ignore_index, label_smoothing, softcap, chunk_size,
+      grad_weight, grad_bias, backend):
+    return (torch.empty_like(weight) if grad_weight else weight.new_empty(0),
+            torch.empty_like(bias) if grad_bias else weight.new_empty(0))
+
+
+def _first_pass_setup(ctx, inputs, output):
+    hidden, weight, bias, target, scale, *options = inputs
+    ctx.options = tuple(options[:4])  # ignore_index, label_smoothing, softcap, chunk_size
+    ctx.backend = options[-1]
+    ctx.needs = (ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, bias, target, scale, output[1], output[2])
+    ctx.set_materialize_grads(False)  # (as _fused_setup: no zeros for grad_hidden's and stats' gradients)
+
+
+def _first_pass_backward(ctx, grad_loss, _gh, _stats):
+    hidden, weight, bias, target, scale, gh, stats = ctx.saved_tensors
+    none = [None] * 8
+    if grad_loss is None:
+        return (None, None, None, *none)
+    gh, = C.scale_saved_grads([gh], grad_loss)
+    gw = gb = None
+    if any(ctx.needs):
+        gw, gb = torch.ops.slmfast_loss.linear_cross_entropy_second_pass(
+            hidden, weight, bias, target, stats, scale * grad_loss.to(scale.dtype), *ctx.options, *ctx.needs,
+            ctx.backend)
+    return (gh, gw if ctx.needs[0] else None, gb if ctx.needs[1] else None, *none)
+
+
+_first_pass.register_autograd(_first_pass_backward, setup_context=_first_pass_setup)
 
 
 @torch.library.custom_op("slmfast_loss::linear_cross_entropy_rows", mutates_args=())
@@ -174,10 +250,9 @@ def _rows_setup(ctx, inputs, output):
 
 def _rows_backward(ctx, grad_rows):
     hidden, weight, bias, target = ctx.saved_tensors
-    ignore_index, label_smoothing, softcap, chunk_size, backend = ctx.options
+    *options, backend = ctx.options
     gh, gw, gb = torch.ops.slmfast_loss.linear_cross_entropy_rows_bwd(
-        grad_rows.to(M.acc_dtype(hidden.dtype)), hidden, weight, bias, target, ignore_index, label_smoothing,
-        softcap, chunk_size, *ctx.needs, backend)
+        grad_rows.to(M.acc_dtype(hidden.dtype)), hidden, weight, bias, target, *options, *ctx.needs, backend)
     return (gh if ctx.needs[0] else None, gw if ctx.needs[1] else None, gb if ctx.needs[2] else None,
             None, None, None, None, None, None)
 
@@ -268,19 +343,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     name = select_backend(OP, IMPLEMENTED, h.device, h.dtype, backend, any(need))
     cap = float(softcap) if softcap else 0.0
     acc = M.acc_dtype(h.dtype)
+    options = (int(ignore_index), float(label_smoothing), cap, chunk)
     if reduction == "none":
         if num_items is not None:
             raise ValueError(f"{OP}: num_items is the denominator of reduction='mean', got reduction='none'")
-        rows = torch.ops.slmfast_loss.linear_cross_entropy_rows(h, w, b, y, int(ignore_index),
-                                                                float(label_smoothing), cap, chunk, name)
+        rows = torch.ops.slmfast_loss.linear_cross_entropy_rows(h, w, b, y, *options, name)
         return rows.to(loss_dtype(hidden, h)).reshape(target.shape)
     scale = M.mean_scale(OP, y != ignore_index, n, reduction, num_items, acc, h.device)
-    if any(need):
-        loss, *_ = torch.ops.slmfast_loss.linear_cross_entropy_fused(
-            h, w, b, y, scale, int(ignore_index), float(label_smoothing), cap, chunk, need[0], need[1],
-            need[2], name)
+    if not any(need):
+        loss = torch.ops.slmfast_loss.linear_cross_entropy_rows(h, w, b, y, *options, name).sum() * scale
+    elif C.uses_two_pass(h.device, h.dtype):
+        ops = torch.ops.slmfast_loss
+        loss, *_ = ops.linear_cross_entropy_first_pass(h, w, b, y, scale, *options, need[0], name)
     else:
-        rows = torch.ops.slmfast_loss.linear_cross_entropy_rows(h, w, b, y, int(ignore_index),
-                                                                float(label_smoothing), cap, chunk, name)
-        loss = rows.sum() * scale
+        ops = torch.ops.slmfast_loss
+        loss, *_ = ops.linear_cross_entropy_fused(h, w, b, y, scale, *options, *need, name)
     return loss.to(loss_dtype(hidden, h))

@@ -20,6 +20,7 @@ from tests.helpers import (
 CPU_CAPABILITIES = cpu_capability_params()  # the fp64 / cpu-only tests run on every vector path
 
 BACKENDS = backend_params()
+CPU_BACKENDS = [b for b in BACKENDS if device_for(b.values[0]).type == "cpu"]  # where bf16 takes two passes
 INTERPRETED = not torch.cuda.is_available()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OPTIONS = {
@@ -183,6 +184,21 @@ def test_two_pass_allocates_no_float32_weight_sized_tensor(dtype):
     assert weight.grad.dtype == dtype and bias.grad is not None
 
 
+@pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
+def test_two_pass_saves_no_weight_gradient():
+    """bf16 on the CPU: the forward keeps grad_hidden and 2 floats per token; the weight's
+    gradient is computed in the backward, so nothing of V x H is held from one to the other."""
+    n, h, v = 64, 32, 500
+    hidden = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    saved, loss = saved_tensor_bytes(linear_cross_entropy, hidden, weight, target, backend="cpu",
+                                     exclude=(hidden, weight, target))
+    assert saved == n * h * 2 + n * 2 * 4 + 4  # grad_hidden, the stats, the mean's scale
+    loss.backward()
+    assert weight.grad.shape == (v, h) and hidden.grad.shape == (n, h)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_weight_with_bf16_hidden(backend):
     device = device_for(backend)
@@ -337,17 +353,38 @@ def test_opcheck(backend):
     ops = torch.ops.slmfast_loss
     torch.library.opcheck(ops.linear_cross_entropy_fused,
                           (h, w, b, target, scale, -100, 0.1, 3.0, 4, True, True, True, backend))
-    torch.library.opcheck(ops.linear_cross_entropy_rows, (h, w, None, target, -100, 0.0, 0.0, 4, backend))
+    torch.library.opcheck(ops.linear_cross_entropy_rows,
+                          (h, w, None, target, -100, 0.0, 0.0, 4, backend))
     torch.library.opcheck(ops.linear_cross_entropy_rows_bwd,
                           (torch.randn(9, device=device), hidden, weight, bias, target, -100, 0.0, 2.0, 4,
                            True, True, True, backend))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_two_pass(backend):
+    """The bf16 CPU path's two ops: the first pass (forward) and the second (the weight's
+    gradient, called by the first one's backward)."""
+    hidden, weight, bias, target = _inputs(9, 8, 300, torch.bfloat16, "cpu", bias=True)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    scale = torch.tensor(0.25)
+    ops = torch.ops.slmfast_loss
+    torch.library.opcheck(ops.linear_cross_entropy_first_pass,
+                          (h, w, b, target, scale, -100, 0.1, 3.0, 4, True, backend))
+    _, _, stats = ops.linear_cross_entropy_first_pass(hidden, weight, bias, target, scale, -100, 0.1, 3.0, 4,
+                                                      False, backend)
+    torch.library.opcheck(ops.linear_cross_entropy_second_pass,
+                          (hidden, weight, bias, target, stats, scale, -100, 0.1, 3.0, 4, True, True,
+                           backend))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compiles_fullgraph(backend, reduction):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiles_fullgraph(backend, reduction, dtype):
     device = device_for(backend)
-    hidden, weight, _, target = _inputs(12, 16, 45, torch.float32, device)
+    if dtype == torch.bfloat16 and device.type != "cpu":
+        pytest.skip("bf16 here is for the CPU's two-pass ops")
+    hidden, weight, _, target = _inputs(12, 16, 45, dtype, device)
 
     def step(h, w):
         loss = linear_cross_entropy(h * 1.5, w, target, chunk_size=5, reduction=reduction, backend=backend,
