@@ -188,11 +188,13 @@ def ce_tile_grad(backend: str, logits, target, stats, grad_scale, col0, cols, ig
     else:
         torch.ops.slmfast.cross_entropy_bwd_(grad_scale, logits, local, stats, *args)
     # Every row's target-or-0 column gets the exact value; ignored rows keep the kernel's 0 (a
-    # select, not an index of the valid rows: no data-dependent shape, so it also runs on meta)
+    # select, not an index of the valid rows: no data-dependent shape, so it also runs on meta).
+    # index_put_, not scatter_: on the CPU a bf16 scatter_ makes a float32 copy of the whole tile.
     scale = grad_scale.to(torch.float32).expand(len(valid))                           # (C,)
     exact = M.ce_grad_values(a, lse, scale, inside, cols, label_smoothing, z_loss, softcap)  # (C,)
-    kept = logits.gather(1, col[:, None])                                             # (C, 1)
-    logits.scatter_(1, col[:, None], torch.where(valid[:, None], exact.to(logits.dtype)[:, None], kept))
+    rows = torch.arange(len(col), device=logits.device)                               # (C,)
+    kept = logits[rows, col]                                                          # (C,)
+    logits.index_put_((rows, col), torch.where(valid, exact.to(logits.dtype), kept))
     return logits
 
 
