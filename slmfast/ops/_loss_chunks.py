@@ -1,6 +1,6 @@
 """Chunk loops of the memory-lean losses: logits of a few rows at a time, never (N, V).
 
-One pass (chunked; float32/64 everywhere, every dtype on a GPU, and the distillation losses):
+One pass (chunked; float32/64 everywhere, every dtype on a GPU, and sampled_distill_loss):
 for each chunk of rows (tokens) the loop computes logits = h_chunk @ W.T (+ b) with one GEMM,
 hands them to a fused row kernel that turns them into the chunk's loss and, in place, the
 gradient of the loss with respect to them, and folds that gradient into the parameter gradients
@@ -14,12 +14,13 @@ the gradients during the forward). The row kernels come from the backend: `torch
 grad_W is summed over chunks in float32 when the weight is bf16/fp16, a V x H float32 buffer:
 twice the gradient.
 
-Two passes (two_pass; the cross-entropy of linear_cross_entropy with bf16/fp16 weights on the
-CPU), which never hold that buffer (the idea of Wijmans et al. 2024, "Cut Your Losses in
+Two passes (two_pass; linear_cross_entropy, distill_loss and topk_distill_loss with bf16/fp16
+weights on the CPU), which never hold that buffer (the idea of Wijmans et al. 2024, "Cut Your Losses in
 Large-Vocabulary Language Models": the weight gradient accumulated in float32 one vocabulary tile
 at a time and written once):
   pass 1, chunks of C tokens: logits, the row kernel's loss and in-place dlogits, grad_hidden[chunk]
-          = dlogits @ W, and each row's softmax statistics (m, r), lse = m + r (N x 2 floats);
+          = dlogits @ W, and each row's statistics: (m, r), lse = m + r for cross-entropy (N x 2
+          floats; the distillation losses keep theirs, slmfast/ops/distill_loss.py);
   pass 2, tiles of Vt rows of W: the tile's logits for Ct tokens at a time (Ct = N where the
           memory allows it), their gradient rebuilt from (m, r), the target and the options
           (ce_tile_grad: the row kernel's backward on the tile, one element per row fixed up),
@@ -219,8 +220,8 @@ class GradAccumulator:
     (vocabulary padding) get 0.
 
     grad_W is summed over chunks in float32 (float64 for fp64). For a float32/64 weight that is an
-    addmm_ into the result. For bf16/fp16: on the CPU (where only the distillation losses still
-    come here; linear_cross_entropy takes two_pass), torch.ops.slmfast.loss_grad_weight_acc_
+    addmm_ into the result. For bf16/fp16: on the CPU (where only sampled_distill_loss still comes
+    here with a weight gradient; the other losses take two_pass), torch.ops.slmfast.loss_grad_weight_acc_
     (csrc/cpu/loss_gemm.cpp) accumulates the chunk's product straight into a transposed float32
     buffer (H, V); elsewhere each chunk's product is taken in the weight's dtype and added to a
     float32 buffer (on a GPU that add is a small fraction of the GEMM)."""
@@ -314,10 +315,10 @@ def two_pass(rows_fn, tile_fn, hidden, weight, bias, vocab, sizes, grad_scale, n
     """The loss and its gradients without a float32 sum of grad_W over tokens (bf16/fp16 weights
     on the CPU; module docstring). sizes = (C, Ct, Vt, R) from two_pass_sizes.
 
-    Pass 1, chunks of C tokens: logits (C, V), rows_fn(c0, c1, logits, scale) -> (loss rows, lse
-    rows) leaving the scaled gradient in logits, grad_hidden[chunk] = dlogits @ W; each row's
-    log-sum-exp is kept (N floats). Pass 2, for each tile of Vt rows of W and each chunk of Ct
-    tokens: the tile's logits (Ct, Vt) again, tile_fn(c0, c1, v0, logits, lse rows, scale) writes
+    Pass 1, chunks of C tokens: logits (C, V), rows_fn(c0, c1, logits, scale) -> (loss rows, stats
+    rows (C, S)) leaving the scaled gradient in logits, grad_hidden[chunk] = dlogits @ W; each row's
+    stats are kept (N x S floats, S from the first chunk). Pass 2, per tile of Vt rows of W and
+    chunk of Ct tokens: the tile's logits (Ct, Vt) again, tile_fn(c0, c1, v0, logits, stats, scale) writes
     their gradient over them, R rows at a time (the same numbers pass 1's kernel wrote into those
     columns), and grad_W[tile] (Vt, H) = dlogits^T h: with Ct = N one GEMM (float32 accumulation
     inside it) written straight into grad_W; with Ct < N summed over the chunks in a float32 (H, Vt)
@@ -326,7 +327,7 @@ def two_pass(rows_fn, tile_fn, hidden, weight, bias, vocab, sizes, grad_scale, n
     n, width = hidden.shape
     chunk, tile_rows, vocab_tile, block = sizes
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    stats = torch.empty(n, 2, dtype=torch.float32, device=hidden.device)
+    stats = None  # (N, the row function's width), made at the first chunk
     gh = torch.empty_like(hidden) if need[0] else hidden.new_empty(0)
     gw = torch.empty_like(weight) if need[1] else weight.new_empty(0)
     gb = torch.empty_like(bias) if need[2] else weight.new_empty(0)
@@ -336,7 +337,10 @@ def two_pass(rows_fn, tile_fn, hidden, weight, bias, vocab, sizes, grad_scale, n
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)
             logits = logits_of(hidden[c0:c1], weight, bias, vocab)  # (C, V)
-            loss[c0:c1], stats[c0:c1] = rows_fn(c0, c1, logits, _chunk_scale(grad_scale, c0, c1))
+            rows, row_stats = rows_fn(c0, c1, logits, _chunk_scale(grad_scale, c0, c1))
+            if stats is None:
+                stats = torch.empty(n, row_stats.shape[1], dtype=torch.float32, device=hidden.device)
+            loss[c0:c1], stats[c0:c1] = rows, row_stats
             if need[0]:
                 torch.mm(logits, weight[:vocab], out=gh[c0:c1])  # (C, H)
             del logits
