@@ -357,13 +357,21 @@ def distill_rows_torch(student, teacher, target, grad_scale, kind, beta, tempera
     soft, w = _soft_weights(lq, lp, kind, beta)
     stats = None
     if with_stats:  # before the gradient overwrites student (which s is, for acc-dtype logits)
-        lse1 = torch.logsumexp(s, -1) if hard_weight > 0 and target is not None else torch.zeros_like(soft)
-        stats = torch.stack([torch.logsumexp(s / temperature, -1),
-                             torch.logsumexp(teacher.to(acc) / temperature, -1), lse1, w.sum(-1)], 1)
+        lse1 = _row_lse(s) if hard_weight > 0 and target is not None else torch.zeros_like(soft)
+        stats = torch.stack([_row_lse(s / temperature), _row_lse(teacher.to(acc) / temperature), lse1,
+                             w.sum(-1)], 1)
     loss = _finish_soft_rows(student, s, temperature ** 2 * soft,
                              lambda: w - lq.exp() * w.sum(-1, keepdim=True),  # dL/du / T^2
                              target, grad_scale, temperature, hard_weight, ignore_index)
     return (loss, stats) if with_stats else loss
+
+
+def _row_lse(x):
+    """The log-sum-exp of each row (last dim) as log_softmax forms it: NaN where the row holds
+    +inf (torch.logsumexp gives +inf there, log_softmax NaN), so that a tile gradient rebuilt from
+    it is non-finite wherever the row function's is."""
+    lse = torch.logsumexp(x, -1)
+    return torch.where(lse == float("inf"), float("nan"), lse)
 
 
 def distill_kernel_stats(stats, kind: int, temperature: float, hard: bool):
@@ -455,11 +463,11 @@ def topk_rows_torch(student, topk_ids, topk_logprobs, target, grad_scale, kind, 
 
     stats = None
     if with_stats:  # before the gradient overwrites student (which s is, for acc-dtype logits)
-        lse = torch.logsumexp(s / temperature, -1, keepdim=True)                      # (C, 1)
+        lse = _row_lse(s / temperature)[:, None]                                      # (C, 1)
         if tail == "none":  # Q_S(m) = exp(s_m / T - lse - log sum_k Q)
             lse = lse + torch.logsumexp(lq_k, -1, keepdim=True)
-        lse1 = (torch.logsumexp(s, -1, keepdim=True) if hard_weight > 0 and target is not None
-                else torch.zeros_like(c))                                             # (C, 1)
+        hard = hard_weight > 0 and target is not None
+        lse1 = _row_lse(s)[:, None] if hard else torch.zeros_like(c)                 # (C, 1)
         k = topk_ids.shape[-1]
         stats = torch.cat([lse, lse1, c, ratio if ratio is not None else torch.zeros_like(c), w[:, :k]], 1)
     loss = _finish_soft_rows(student, s, temperature ** 2 * soft, soft_grad, target, grad_scale, temperature,
