@@ -1,12 +1,16 @@
 """The math of the loss ops, in plain PyTorch: references, row kernels and shared checks.
 
-Two kinds of function live here, for slmfast/ops/{cross_entropy,linear_cross_entropy,distill_loss}.py:
+Three kinds of function live here, for slmfast/ops/{cross_entropy,linear_cross_entropy,distill_loss}.py:
   *_reference   the unfused computation differentiated by autograd (F.cross_entropy, log_softmax,
                 F.kl_div): the oracle of the tests when run in float64, and the `torch` backend of
                 the ops that take logits.
   *_rows_torch  the row kernels of the `torch` backend of the chunked ops: loss per row and the
                 gradient written over the logits, by the explicit formulas the C++ and Triton
                 kernels use (csrc/cpu/cross_entropy.cpp). Float32 arithmetic (float64 for fp64).
+  *_tile_grad_  two_pass's second pass (bf16/fp16 on the CPU, slmfast/ops/_loss_chunks.py): the
+                gradient of a tile of columns written over it, from per-row stats of pass 1 (the
+                lse of any backend's row kernel; the distillation row functions' with_stats, or
+                distill_kernel_stats of the kernels' stats).
 
 Distillation (Hinton et al. 2015): with u = s / T, v = t / T, Q = softmax(u) the student and
 P = softmax(v) the teacher, the soft loss of a row is one of
