@@ -1,6 +1,6 @@
 """Chunk loops of the memory-lean losses: logits of a few rows at a time, never (N, V).
 
-One pass (chunked; float32/64 everywhere, every dtype on a GPU, and the distillation losses):
+One pass (chunked; float32/64 everywhere, every dtype on a GPU, and sampled_distill_loss):
 for each chunk of rows (tokens) the loop computes logits = h_chunk @ W.T (+ b) with one GEMM,
 hands them to a fused row kernel that turns them into the chunk's loss and, in place, the
 gradient of the loss with respect to them, and folds that gradient into the parameter gradients
@@ -14,13 +14,14 @@ the gradients during the forward). The row kernels come from the backend: `torch
 grad_W is summed over chunks in float32 when the weight is bf16/fp16, a V x H float32 buffer:
 twice the gradient.
 
-Two passes (first_pass, then second_pass, or both in two_pass; the cross-entropy of
-linear_cross_entropy with bf16/fp16 weights on the CPU, whose forward runs pass 1 and whose
-backward runs pass 2), which never hold that buffer (the idea of Wijmans et al. 2024, "Cut Your
-Losses in Large-Vocabulary Language Models": the weight gradient accumulated in float32 one
-vocabulary tile at a time and written once):
+Two passes (first_pass, then second_pass, or both in two_pass; linear_cross_entropy,
+distill_loss and topk_distill_loss with bf16/fp16 weights on the CPU, linear_cross_entropy's
+forward running pass 1 and its backward pass 2), which never hold that buffer (the idea of
+Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models": the weight gradient
+accumulated in float32 one vocabulary tile at a time and written once):
   pass 1, chunks of C tokens: logits, the row kernel's loss and in-place dlogits, grad_hidden[chunk]
-          = dlogits @ W, and each row's softmax statistics (m, r), lse = m + r (N x 2 floats);
+          = dlogits @ W, and each row's statistics: (m, r), lse = m + r for cross-entropy (N x 2
+          floats; the distillation losses keep theirs, slmfast/ops/distill_loss.py);
   pass 2, tiles of Vt rows of W: the tile's logits for Ct tokens at a time (Ct = N where the
           memory allows it), their gradient rebuilt from (m, r), the target and the options
           (ce_tile_grad: the row kernel's backward on the tile, one element per row fixed up),
@@ -222,8 +223,8 @@ class GradAccumulator:
     (vocabulary padding) get 0.
 
     grad_W is summed over chunks in float32 (float64 for fp64). For a float32/64 weight that is an
-    addmm_ into the result. For bf16/fp16: on the CPU (where only the distillation losses still
-    come here; linear_cross_entropy takes two_pass), torch.ops.slmfast.loss_grad_weight_acc_
+    addmm_ into the result. For bf16/fp16: on the CPU (where only sampled_distill_loss still comes
+    here with a weight gradient; the other losses take two_pass), torch.ops.slmfast.loss_grad_weight_acc_
     (csrc/cpu/loss_gemm.cpp) accumulates the chunk's product straight into a transposed float32
     buffer (H, V); elsewhere each chunk's product is taken in the weight's dtype and added to a
     float32 buffer (on a GPU that add is a small fraction of the GEMM)."""
@@ -401,8 +402,9 @@ def second_pass(tile_fn, hidden, weight, bias, vocab, sizes, stats, grad_scale, 
 
 
 def _acc_weight_grad_t(acc_t, dlogits, hidden) -> None:
-    """acc_t (H, Vt) float32 += hidden^T (H, Ct) @ dlogits (Ct, Vt) (bf16/fp16 operands)."""
-    if _has_cpu_op():
+    """acc_t (H, Vt) float32 += hidden^T (H, Ct) @ dlogits (Ct, Vt) (bf16/fp16 operands). On the
+    meta device (no kernel for the C++ op) the fallback's shapes stand in for it."""
+    if acc_t.device.type == "cpu" and _has_cpu_op():
         torch.ops.slmfast.loss_grad_weight_acc_(acc_t, dlogits, hidden)
     else:
         acc_t.add_(torch.mm(hidden.t(), dlogits))  # (H, Vt) in the operands' dtype, then summed

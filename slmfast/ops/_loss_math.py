@@ -1,12 +1,16 @@
 """The math of the loss ops, in plain PyTorch: references, row kernels and shared checks.
 
-Two kinds of function live here, for slmfast/ops/{cross_entropy,linear_cross_entropy,distill_loss}.py:
+Three kinds of function live here, for slmfast/ops/{cross_entropy,linear_cross_entropy,distill_loss}.py:
   *_reference   the unfused computation differentiated by autograd (F.cross_entropy, log_softmax,
                 F.kl_div): the oracle of the tests when run in float64, and the `torch` backend of
                 the ops that take logits.
   *_rows_torch  the row kernels of the `torch` backend of the chunked ops: loss per row and the
                 gradient written over the logits, by the explicit formulas the C++ and Triton
                 kernels use (csrc/cpu/cross_entropy.cpp). Float32 arithmetic (float64 for fp64).
+  *_tile_grad_  two_pass's second pass (bf16/fp16 on the CPU, slmfast/ops/_loss_chunks.py): the
+                gradient of a tile of columns written over it, from per-row stats of pass 1 (the
+                lse of any backend's row kernel; the distillation row functions' with_stats, or
+                distill_kernel_stats of the kernels' stats).
 
 Distillation (Hinton et al. 2015): with u = s / T, v = t / T, Q = softmax(u) the student and
 P = softmax(v) the teacher, the soft loss of a row is one of
@@ -225,8 +229,9 @@ def topk_rows_reference(student_logits, topk_ids, topk_logprobs, target, kind: i
 # ---- row kernels of the torch backend: explicit formulas, gradient over the logits ----------
 
 def _ce_grad(s, target):
-    """d CE(s, target) / d s = softmax(s) - onehot(target), per row."""
-    return torch.softmax(s, -1) - F.one_hot(target, s.shape[1]).to(s.dtype)
+    """d CE(s, target) / d s = softmax(s) - onehot(target), per row (the 1 subtracted in place: no
+    (C, V) int64 one-hot)."""
+    return torch.softmax(s, -1).scatter_add_(1, target[:, None], torch.full_like(s[:, :1], -1))
 
 
 def ce_rows_torch(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
@@ -294,22 +299,25 @@ def ce_tile_grad_(logits, target, lse, grad_scale, col0: int, cols: int, ignore_
     return logits.copy_(torch.where(valid[:, None], d, 0))
 
 
-def _soft_weights(lq, lp, kind: int, beta: float):
-    """(soft loss per row, w = Q * dL/dQ per column) from log Q and log P (last dim)."""
+def _soft_weights(lq, lp, kind: int, beta: float, with_loss: bool = True):
+    """(soft loss per row, w = Q * dL/dQ per column) from log Q and log P (last dim); the loss is
+    None without with_loss (the tile gradients need w alone)."""
     # Terms with a probability of exactly 0 count 0 (0 log 0 = 0); `== 0`, not `> 0`, so that a
     # NaN probability (from a NaN logit) reaches the loss instead of being dropped.
     q, p = lq.exp(), lp.exp()
     if kind == 0:
-        return torch.where(p == 0, 0, p * (lp - lq)).sum(-1), -p
+        return (torch.where(p == 0, 0, p * (lp - lq)).sum(-1) if with_loss else None), -p
     if kind == 1:
-        term = torch.where(q == 0, 0, q * (lq - lp))
-        return term.sum(-1), torch.where(q == 0, 0, q * (lq - lp + 1))
+        w = torch.where(q == 0, 0, q * (lq - lp + 1))
+        return (torch.where(q == 0, 0, q * (lq - lp)).sum(-1) if with_loss else None), w
     if kind == 2:
         lm = torch.logaddexp(lp + torch.log(torch.tensor(beta, dtype=lp.dtype)),
                              lq + torch.log1p(torch.tensor(-beta, dtype=lq.dtype)))
         w = (1 - beta) * torch.where(q == 0, 0, q * (lq - lm))
+        if not with_loss:
+            return None, w
         return (beta * torch.where(p == 0, 0, p * (lp - lm))).sum(-1) + w.sum(-1), w
-    return 0.5 * (p - q).abs().sum(-1), 0.5 * q * torch.sign(q - p)
+    return (0.5 * (p - q).abs().sum(-1) if with_loss else None), 0.5 * q * torch.sign(q - p)
 
 
 def _finish_soft_rows(student, s, loss, soft_grad, target, grad_scale, temperature: float, hard_weight: float,
@@ -327,42 +335,115 @@ def _finish_soft_rows(student, s, loss, soft_grad, target, grad_scale, temperatu
     if valid is not None:
         loss = torch.where(valid, loss, 0)
     if grad_scale is not None:
-        d = temperature * soft_grad()
-        if hard:
-            d = d + hard_weight * _ce_grad(s, torch.where(valid, target, 0))
-        d = d * grad_scale.to(s.dtype).expand(s.shape[0])[:, None]
-        if valid is not None:
-            d = torch.where(valid[:, None], d, 0)
-        student.copy_(d)
+        hard_grad = (lambda: _ce_grad(s, torch.where(valid, target, 0))) if hard else None
+        student.copy_(_scaled_grad(soft_grad(), hard_grad, valid, grad_scale, temperature, hard_weight))
     return loss
 
 
+def _scaled_grad(soft_grad, hard_grad, valid, grad_scale, temperature: float, hard_weight: float):
+    """T soft_grad + hard_weight hard_grad() (the CE gradient; None: no hard loss) times each row's
+    grad_scale (one value or (rows,)), exactly 0 on the rows that are not valid (None: all are)."""
+    d = temperature * soft_grad
+    if hard_grad is not None:
+        d = d + hard_weight * hard_grad()
+    d = d * grad_scale.to(d.dtype).expand(d.shape[0])[:, None]
+    return d if valid is None else torch.where(valid[:, None], d, 0)
+
+
 def distill_rows_torch(student, teacher, target, grad_scale, kind, beta, temperature, hard_weight,
-                       ignore_index):
-    """Per-row loss (acc dtype); with grad_scale, the scaled gradient written over student."""
+                       ignore_index, with_stats: bool = False):
+    """Per-row loss (acc dtype); with grad_scale, the scaled gradient written over student.
+    with_stats: (loss, stats), stats (C, 4) the row constants of distill_tile_grad_."""
     acc = acc_dtype(student.dtype)
     s = student.to(acc)
     lq = F.log_softmax(s / temperature, -1)
     lp = F.log_softmax(teacher.to(acc) / temperature, -1)
     soft, w = _soft_weights(lq, lp, kind, beta)
-    return _finish_soft_rows(student, s, temperature ** 2 * soft,
+    stats = None
+    if with_stats:  # before the gradient overwrites student (which s is, for acc-dtype logits)
+        lse1 = _row_lse(s) if hard_weight > 0 and target is not None else torch.zeros_like(soft)
+        stats = torch.stack([_row_lse(s / temperature), _row_lse(teacher.to(acc) / temperature), lse1,
+                             w.sum(-1)], 1)
+    loss = _finish_soft_rows(student, s, temperature ** 2 * soft,
                              lambda: w - lq.exp() * w.sum(-1, keepdim=True),  # dL/du / T^2
                              target, grad_scale, temperature, hard_weight, ignore_index)
+    return (loss, stats) if with_stats else loss
+
+
+def _row_lse(x):
+    """The log-sum-exp of each row (last dim) as log_softmax forms it: NaN where the row holds
+    +inf (torch.logsumexp gives +inf there, log_softmax NaN), so that a tile gradient rebuilt from
+    it is non-finite wherever the row function's is."""
+    lse = torch.logsumexp(x, -1)
+    return torch.where(lse == float("inf"), float("nan"), lse)
+
+
+def distill_kernel_stats(stats, kind: int, temperature: float, hard: bool):
+    """The row constants of distill_tile_grad_ (C, 4) from the distillation row kernels' stats
+    (C, 7): max s, max t, log sum exp((s - max s) / T), log sum exp((t - max t) / T), log sum
+    exp(s - max s), c, c2 (csrc/common/params.h). The log-sum-exps are max / T + the log-sums; the
+    row sum of w is -1 (forward_kl: w = -P), c + 1 (reverse_kl: c = KL(Q || P)), c (jsd: c = sum w)
+    or (c - c2) / 2 (tvd: c, c2 the masses where Q > P and Q < P)."""
+    m_s, m_t, log_su, log_sv, log_sh, c, c2 = stats.unbind(1)                         # (C,) each
+    inv_t = 1.0 / temperature
+    lse1 = m_s + log_sh if hard else torch.zeros_like(m_s)
+    sum_w = (-torch.ones_like(c), c + 1, c, 0.5 * (c - c2))[kind]
+    return torch.stack([m_s * inv_t + log_su, m_t * inv_t + log_sv, lse1, sum_w], 1)
+
+
+def distill_tile_grad_(student, teacher, target, stats, grad_scale, col0: int, kind: int, beta: float,
+                       temperature: float, hard_weight: float, ignore_index: int):
+    """The distillation gradient of a tile of columns, written over the student's tile (R, Vt);
+    returns it (two_pass's second pass, slmfast/ops/distill_loss.py).
+
+    student, teacher: columns [col0, col0 + Vt) of R rows of logits; stats (R, 4): each full row's
+    log-sum-exp of s / T, of t / T and of s (0 without a hard loss) and the row sum of w, from
+    distill_rows_torch(with_stats=True) or distill_kernel_stats. log Q = s / T - lse, log P =
+    t / T - lse_t, w = _soft_weights' per column, and the column's gradient is what the row
+    functions write: T (w - Q sum w) + hard_weight (exp(s - lse_s) - onehot(y)), times the row's
+    grad_scale, exactly 0 on ignored rows. Float32 temporaries of (R, Vt)."""
+    acc = acc_dtype(student.dtype)
+    s = student.to(acc)                                                               # (R, Vt)
+    lq = s / temperature - stats[:, 0:1]                                              # (R, Vt)
+    _, w = _soft_weights(lq, teacher.to(acc) / temperature - stats[:, 1:2], kind, beta, with_loss=False)
+    return _finish_tile_(student, s, w - lq.exp() * stats[:, 3:4], stats[:, 2], target, grad_scale, col0,
+                         temperature, hard_weight, ignore_index)
+
+
+def _finish_tile_(student, s, soft_grad, lse1, target, grad_scale, col0: int, temperature: float,
+                  hard_weight: float, ignore_index: int):
+    """The tile gradients' common end (_finish_soft_rows' gradient on columns [col0, col0 + Vt)):
+    T soft_grad + hard_weight (exp(s - lse1) - onehot(y)), scaled, 0 on ignored rows, written
+    over student; lse1 (R,) the full rows' log-sum-exp of s."""
+    valid = target != ignore_index if target is not None else None
+
+    def hard_grad():  # softmax(s) - onehot(y) on the tile's columns
+        columns = torch.arange(col0, col0 + s.shape[1], device=s.device)             # (Vt,)
+        return torch.exp(s - lse1[:, None]) - (columns == target[:, None]).to(s.dtype)
+
+    hard = hard_weight > 0 and target is not None
+    return student.copy_(_scaled_grad(soft_grad, hard_grad if hard else None, valid, grad_scale, temperature,
+                                      hard_weight))
+
+
+def topk_tail(tail: str, k: int, vocab: int) -> str:
+    """The tail a top-k row uses: "none" when k = V (no tail), else the one asked for."""
+    return "none" if k == vocab else tail
 
 
 def topk_rows_torch(student, topk_ids, topk_logprobs, target, grad_scale, kind, beta, temperature,
-                    hard_weight, ignore_index, tail):
+                    hard_weight, ignore_index, tail, with_stats: bool = False):
     """Per-row top-k loss; with grad_scale, the scaled gradient over student. With w_o = Q_S(o)
     dL/dQ_S(o) on the outcomes o (the k ids, and the tail bucket): for a column m of outcome o(m),
     dL/du_m = w_o(m) Q_m / Q_S(o(m)) - Q_m sum_o w_o (tail="bucket", Q_S the full softmax grouped);
-    for tail="none" (Q_S renormalized over the k ids) dL/du_m = w_m - Q_S(m) sum w on the ids, 0 off them."""
+    for tail="none" (Q_S renormalized over the k ids) dL/du_m = w_m - Q_S(m) sum w on the ids, 0 off them.
+    with_stats: (loss, stats), stats (C, 4 + k) the row constants of topk_tile_grad_."""
     acc = acc_dtype(student.dtype)
     s = student.to(acc)
     lq_full = F.log_softmax(s / temperature, -1)
     lq_k = lq_full.gather(-1, topk_ids)
     lp = topk_logprobs.to(acc)
-    if tail == "bucket" and topk_ids.shape[-1] == s.shape[-1]:
-        tail = "none"  # k = V: no tail
+    tail = topk_tail(tail, topk_ids.shape[-1], s.shape[-1])
     if tail == "none":
         lq = F.log_softmax(lq_k, -1)
         lp_t = F.log_softmax(lp / temperature, -1)
@@ -373,17 +454,58 @@ def topk_rows_torch(student, topk_ids, topk_logprobs, target, grad_scale, kind, 
         p_tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp(min=0)
         lp_t = F.log_softmax(torch.cat([lp, _tail_log(p_tail)], -1) / temperature, -1)
     soft, w = _soft_weights(lq, lp_t, kind, beta)
+    c = w.sum(-1, keepdim=True)                                                       # (C, 1)
+    ratio = None
+    if tail != "none":  # the tail bucket's dL/du per unit of Q on the columns outside the k ids
+        ratio = torch.where(q_tail > 0, w[:, -1:] / q_tail.clamp(min=torch.finfo(acc).tiny), 0)  # (C, 1)
 
     def soft_grad():
-        c = w.sum(-1, keepdim=True)
         if tail == "none":
             return torch.zeros_like(s).scatter_(-1, topk_ids, w - lq.exp() * c)
         q = lq_full.exp()
-        ratio = torch.where(q_tail > 0, w[:, -1:] / q_tail.clamp(min=torch.finfo(acc).tiny), 0)
         return torch.where(not_k, q * ratio, 0).scatter_(-1, topk_ids, w[:, :-1]) - q * c
 
-    return _finish_soft_rows(student, s, temperature ** 2 * soft, soft_grad, target, grad_scale, temperature,
+    stats = None
+    if with_stats:  # before the gradient overwrites student (which s is, for acc-dtype logits)
+        lse = _row_lse(s / temperature)[:, None]                                      # (C, 1)
+        if tail == "none":  # Q_S(m) = exp(s_m / T - lse - log sum_k Q)
+            lse = lse + torch.logsumexp(lq_k, -1, keepdim=True)
+        hard = hard_weight > 0 and target is not None
+        lse1 = _row_lse(s)[:, None] if hard else torch.zeros_like(c)                 # (C, 1)
+        k = topk_ids.shape[-1]
+        stats = torch.cat([lse, lse1, c, ratio if ratio is not None else torch.zeros_like(c), w[:, :k]], 1)
+    loss = _finish_soft_rows(student, s, temperature ** 2 * soft, soft_grad, target, grad_scale, temperature,
                              hard_weight, ignore_index)
+    return (loss, stats) if with_stats else loss
+
+
+def topk_tile_grad_(student, topk_ids, target, stats, grad_scale, col0: int, kind: int, beta: float,
+                    temperature: float, hard_weight: float, ignore_index: int, tail: str):
+    """The top-k gradient of a tile of columns [col0, col0 + Vt) of R rows, written over the
+    student's tile (R, Vt); returns it (two_pass's second pass). stats (R, 4 + k) from
+    topk_rows_torch(with_stats=True): lse (of s / T; for tail="none" that of the k ids' group, so
+    that exp(s / T - lse) is Q_S on an id), the log-sum-exp of s (0 without a hard loss), c = sum_o
+    w_o, the bucket's ratio w_tail / Q_tail (0 for "none") and w on the k ids. Per column, as
+    topk_rows_torch: an id inside the tile gets w_m - Q c, any other column Q (ratio - c) (bucket)
+    or 0 (none); then the hard loss, the scale and the ignored rows as the row functions do.
+    tail: topk_tail's (k = V is "none"). Float32 temporaries of (R, Vt + 1)."""
+    acc = acc_dtype(student.dtype)
+    s = student.to(acc)                                                               # (R, Vt)
+    width = s.shape[1]
+    q = torch.exp(s / temperature - stats[:, 0:1])                                    # (R, Vt)
+    inside = (topk_ids >= col0) & (topk_ids < col0 + width)                           # (R, k)
+    col = torch.where(inside, topk_ids - col0, width)  # ids outside the tile: a spare last column  # (R, k)
+    is_id = torch.zeros(s.shape[0], width + 1, dtype=torch.bool, device=s.device).scatter_(
+        1, col, True)[:, :width]                                                      # (R, Vt)
+    w_at = torch.zeros(s.shape[0], width + 1, dtype=acc, device=s.device).scatter_(
+        1, col, stats[:, 4:])[:, :width]                                              # (R, Vt)
+    c = stats[:, 2:3]                                                                 # (R, 1)
+    if tail == "none":
+        soft = torch.where(is_id, w_at - q * c, 0)
+    else:
+        soft = torch.where(is_id, w_at, q * stats[:, 3:4]) - q * c
+    return _finish_tile_(student, s, soft, stats[:, 1], target, grad_scale, col0, temperature, hard_weight,
+                         ignore_index)
 
 
 # ---- sampled teacher (random-sampling KD): references and row kernels -----------------------

@@ -23,7 +23,19 @@ kernel (loss and, in place, d loss / d student logits), then grad_hidden and gra
 gradients are computed during the forward and scaled in backward. Saved for backward: the student
 grad_hidden (N x Hs), grad_W (Vs x Hs) and grad_b: the bytes of the gradients themselves; no
 (N, V) tensor, nothing of the teacher. Transient, during the forward: the student's and the
-teacher's logits of one chunk (2 x C x V) and, for bf16/fp16 weights, the float32 grad_W sum.
+teacher's logits of one chunk (2 x C x V) and, for bf16/fp16 weights on a GPU, the float32 grad_W
+sum (V x Hs x 4).
+bf16/fp16 on the CPU with the weight's gradient needed take two passes instead
+(_loss_chunks.two_pass; no V x Hs float32 tensor at any point). Pass 1, per chunk of C tokens, as
+above without grad_W, keeping 4 floats per token: the log-sum-exps of s / T, t / T and s, and the
+row sum of w = Q dL/dQ (dL/du = w - Q sum w, u = s / T); the C++ and Triton kernels give their
+stats from their forward (converted: _loss_math.distill_kernel_stats) and the gradient from their
+backward on them, a third (C, V) 16-bit tensor. Pass 2, per vocabulary tile of Vt columns: the
+student's tile logits for Ct tokens (Ct = N where memory allows), the teacher's for R rows at a
+time, their gradient rebuilt in torch ops from those stats (_loss_math.distill_tile_grad_, float32
+temporaries of R x Vt), grad_W[tile] by one GEMM: six GEMMs (both logits twice) where one pass
+has four. Sizes as two_pass_sizes on a floor that counts the teacher's inputs, 2 (N + V) Hs +
+(N + V) Ht: one chunk's logits or one tile, each <= 5% of it.
 
 distill_loss_from_logits: the same losses when the caller has both logits. Saved for backward:
 the logits (inputs) and 7 floats per row (two maxima, three log-sums, two row sums); the
@@ -39,7 +51,10 @@ temperature T it is softmax over S of (log p) / T (the tail bucket as one outcom
 student's Q_T = softmax(s / T) over the full vocabulary is grouped the same way: the k ids
 renormalized (none), or the k ids plus the summed mass of all other tokens (bucket).
 Then T^2 * D(P_S || Q_S) + hard_weight * CE as above. With k = V both tails are empty and the loss
-is the dense one. Row math in PyTorch on every backend (_loss_math.topk_rows_torch), chunked.
+is the dense one. Row math in PyTorch on every backend (_loss_math.topk_rows_torch), chunked; for
+bf16/fp16 on the CPU in two passes as distill_loss, keeping 4 + k floats per token (the log-sum-exp
+of the group, that of s, sum w, the tail bucket's w_tail / Q_tail, and w on the k ids), from which
+_loss_math.topk_tile_grad_ rebuilds each tile's gradient.
 
 sampled_distill_loss: against tokens drawn from the teacher (random-sampling KD, Anshumann et al.
 2025, "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs"): per row m ids
@@ -62,7 +77,8 @@ distillation row kernels above are reused with a (C, V) teacher whose softmax(t 
 corrected by T^2 (W H(w / W) - H) (float weights with hard_weight > 0, and bf16/fp16 chunks,
 whose teacher logits would be rounded, take the torch row math). Transient per chunk: that
 (C, V) teacher besides the student's logits, as distill_loss with a live teacher. Saved for
-backward: the gradients, as above.
+backward: the gradients, as above. One pass on every device (for bf16/fp16 on the CPU with the
+float32 grad_W sum).
 
 Backends (row kernels): triton (slmfast/triton/distill.py), cpu (csrc/cpu/cross_entropy.cpp),
 torch (_loss_math). No CUDA kernel: on a GPU the automatic choice is triton.
@@ -189,11 +205,53 @@ def _fused_backward(ctx, grad_loss, *_):
     return (gh, gw, gb if ctx.has_bias else None, *([None] * (ctx.num_inputs - 3)))
 
 
-def _summed_loss(rows_fn, sh, sw, sb, vocab: int, chunk_size: int, scale, need):
+def _two_pass(sh: torch.Tensor, grad_weight: bool) -> bool:
+    """Whether a fused op takes C.two_pass: bf16/fp16 on the CPU with the weight's gradient needed
+    (without it the one-pass loop holds no V x H float32 sum either)."""
+    return grad_weight and C.uses_two_pass(sh.device, sh.dtype)
+
+
+def _summed_loss(rows_fn, sh, sw, sb, vocab: int, chunk_size: int, scale, need, tile_fn=None,
+                 floor_hidden: float = 0.0):
     """The fused ops' common body: the chunk loop over rows_fn, gradients only when one is needed
-    (need = grad_hidden, grad_weight, grad_bias), the loss as scale * the sum of the rows."""
-    rows, gh, gw, gb = C.chunked(rows_fn, sh, sw, sb, vocab, chunk_size, scale if any(need) else None, need)
+    (need = grad_hidden, grad_weight, grad_bias), the loss as scale * the sum of the rows. With
+    tile_fn (where _two_pass holds; rows_fn then also returns each row's stats) C.two_pass, sized
+    by C.two_pass_sizes on a floor of 2 (N + V) floor_hidden elements."""
+    if tile_fn is None:
+        grad_scale = scale if any(need) else None
+        rows, gh, gw, gb = C.chunked(rows_fn, sh, sw, sb, vocab, chunk_size, grad_scale, need)
+    else:
+        sizes = C.two_pass_sizes(sh.shape[0], floor_hidden, vocab, chunk_size, float_temporaries=True)
+        rows, gh, gw, gb = C.two_pass(rows_fn, tile_fn, sh, sw, sb, vocab, sizes, scale, need)
     return rows.sum() * scale, gh, gw, gb
+
+
+def _distill_floor_hidden(student_hidden: int, teacher_hidden: int) -> float:
+    """distill_loss's memory floor in units of 2 (N + V) elements: the student's inputs and their
+    gradients, 2 (N + V) Hs, and the teacher's inputs, (N + V) Ht."""
+    return student_hidden + teacher_hidden / 2
+
+
+def _distill_rows(backend, logits, teacher, target, grad_scale, kind, beta, temperature, hard_weight,
+                  ignore_index, with_stats: bool):
+    """C.distill_rows; with_stats: (loss rows, stats (C, 4) for M.distill_tile_grad_). The kernels
+    give theirs from their forward (M.distill_kernel_stats converts them) and the gradient from
+    their backward on those stats, copied over the logits."""
+    args = (kind, beta, temperature, hard_weight, ignore_index)
+    if not with_stats:
+        return C.distill_rows(backend, logits, teacher, target, grad_scale, *args)
+    if backend == "torch":
+        return M.distill_rows_torch(logits, teacher, target, grad_scale, *args, with_stats=True)
+    if backend == "triton":
+        from slmfast.triton import distill as tk
+        fwd, bwd = tk.distill_fwd, tk.distill_bwd
+    else:
+        fwd, bwd = torch.ops.slmfast.distill_fwd, torch.ops.slmfast.distill_bwd
+    loss, stats = fwd(logits, teacher, target, *args)                                 # (C,), (C, 7)
+    if grad_scale is not None:
+        logits.copy_(bwd(grad_scale, logits, teacher, target, stats, *args))          # (C, V)
+    hard = hard_weight > 0 and target is not None
+    return loss, M.distill_kernel_stats(stats, kind, temperature, hard)
 
 
 @torch.library.custom_op("slmfast_loss::distill_fused", mutates_args=())
@@ -204,14 +262,37 @@ def _distill_fused(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, 
                    grad_bias: bool,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scale * sum of row losses and, when any grad_* is set, its student gradients."""
+    two = _two_pass(sh, grad_weight)
+    args = (kind, beta, temperature, hard_weight, ignore_index)
+    return _summed_loss(_distill_rows_fn(backend, th, tw, tb, target, vocab, args, two), sh, sw, sb, vocab,
+                        chunk_size, scale, (grad_hidden, grad_weight, grad_bias),
+                        _distill_tile_fn(th, tw, tb, target, args) if two else None,
+                        _distill_floor_hidden(sh.shape[1], th.shape[1]))
+
+
+def _distill_rows_fn(backend, th, tw, tb, target, vocab: int, args, with_stats: bool):
+    """distill_loss's row function of a chunk of student logits: the teacher's logits of its rows,
+    then _distill_rows (args = kind, beta, temperature, hard_weight, ignore_index)."""
     def rows_fn(c0, c1, logits, grad_scale):
         with torch.no_grad():
             t = C.logits_of(th[c0:c1], tw, tb, vocab).to(logits.dtype)  # (C, V)
         y = target[c0:c1] if target is not None else None
-        return C.distill_rows(backend, logits, t, y, grad_scale, kind, beta, temperature, hard_weight,
-                              ignore_index)
+        return _distill_rows(backend, logits, t, y, grad_scale, *args, with_stats=with_stats)
 
-    return _summed_loss(rows_fn, sh, sw, sb, vocab, chunk_size, scale, (grad_hidden, grad_weight, grad_bias))
+    return rows_fn
+
+
+def _distill_tile_fn(th, tw, tb, target, args):
+    """distill_loss's tile gradient (C.two_pass): the teacher's logits of the tile's rows and
+    columns, then M.distill_tile_grad_."""
+    def tile_fn(r0, r1, v0, logits, stats, grad_scale):
+        v1 = v0 + logits.shape[1]
+        with torch.no_grad():
+            t = C.logits_of(th[r0:r1], tw[v0:v1], tb[v0:v1] if tb is not None else None, v1 - v0)  # (R, Vt)
+        y = target[r0:r1] if target is not None else None
+        return M.distill_tile_grad_(logits, t.to(logits.dtype), y, stats, grad_scale, v0, *args)
+
+    return tile_fn
 
 
 _distill_fused.register_fake(_fake_fused)
@@ -224,13 +305,21 @@ def _topk_fused(sh: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor | None, ids
                 beta: float, temperature: float, hard_weight: float, ignore_index: int, tail: str,
                 chunk_size: int, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    two = _two_pass(sh, grad_weight)
+    args = (kind, beta, temperature, hard_weight, ignore_index)
+
     def rows_fn(c0, c1, logits, grad_scale):
         y = target[c0:c1] if target is not None else None
-        return M.topk_rows_torch(logits, ids[c0:c1], logprobs[c0:c1], y, grad_scale, kind, beta, temperature,
-                                 hard_weight, ignore_index, tail)
+        return M.topk_rows_torch(logits, ids[c0:c1], logprobs[c0:c1], y, grad_scale, *args, tail,
+                                 with_stats=two)
+
+    def tile_fn(r0, r1, v0, logits, stats, grad_scale):
+        y = target[r0:r1] if target is not None else None
+        return M.topk_tile_grad_(logits, ids[r0:r1], y, stats, grad_scale, v0, *args,
+                                 M.topk_tail(tail, ids.shape[1], sw.shape[0]))
 
     return _summed_loss(rows_fn, sh, sw, sb, sw.shape[0], chunk_size, scale,
-                        (grad_hidden, grad_weight, grad_bias))
+                        (grad_hidden, grad_weight, grad_bias), tile_fn if two else None, sh.shape[1])
 
 
 _topk_fused.register_fake(_fake_fused)
@@ -358,10 +447,16 @@ def _target(op, target, rows, vocab, ignore_index, device):
     return M.check_target(op, target, rows, vocab, ignore_index)
 
 
-def _chunk(op, chunk_size, n, hidden, vocab, device, dtype):
+def _chunk(op, chunk_size, n, hidden, vocab, device, dtype, floor_hidden=None):
+    """Rows per chunk: chunk_size, or the default of the loop the op takes (two_pass's pass 1 when
+    floor_hidden, the floor's hidden size of _summed_loss, is given)."""
     if chunk_size is not None and int(chunk_size) < 0:
         raise ValueError(f"{op}: chunk_size must be >= 1 (or None / 0: the default), got {chunk_size}")
-    return int(chunk_size) if chunk_size else C.default_chunk_size(n, hidden, vocab, device, dtype)
+    if chunk_size:
+        return int(chunk_size)
+    if floor_hidden is not None:
+        return C.two_pass_sizes(n, floor_hidden, vocab)[0]
+    return C.default_chunk_size(n, hidden, vocab, device, dtype)
 
 
 def distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -388,7 +483,8 @@ def distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, tea
     n = sh.shape[0]
     v = M.vocab_columns(OP, sw.shape[0], tw.shape[0], vocab_size)
     y = _target(OP, target, n, v, ignore_index, sh.device)
-    chunk = _chunk(OP, chunk_size, n, sh.shape[1], v, sh.device, sh.dtype)
+    floor = _distill_floor_hidden(sh.shape[1], th.shape[1]) if _two_pass(sh, need[1]) else None
+    chunk = _chunk(OP, chunk_size, n, sh.shape[1], v, sh.device, sh.dtype, floor)
     name = select_backend(OP, IMPLEMENTED, sh.device, sh.dtype, backend, any(need))
     scale = M.mean_scale(OP, y != ignore_index if y is not None else None, n, reduction, num_items,
                          M.acc_dtype(sh.dtype), sh.device)
@@ -473,7 +569,8 @@ def topk_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
         if bool((srt[:, 1:] == srt[:, :-1]).any()):
             raise ValueError(f"{OP_TOPK}: teacher_topk_ids repeats an id within a row")
     y = _target(OP_TOPK, target, n, v, ignore_index, sh.device)
-    chunk = _chunk(OP_TOPK, chunk_size, n, sh.shape[1], v, sh.device, sh.dtype)
+    chunk = _chunk(OP_TOPK, chunk_size, n, sh.shape[1], v, sh.device, sh.dtype,
+                   sh.shape[1] if _two_pass(sh, need[1]) else None)
     name = select_backend(OP_TOPK, IMPLEMENTED_TOPK, sh.device, sh.dtype, backend, any(need))
     scale = M.mean_scale(OP_TOPK, y != ignore_index if y is not None else None, n, reduction, num_items,
                          M.acc_dtype(sh.dtype), sh.device)

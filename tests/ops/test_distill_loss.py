@@ -6,6 +6,9 @@ import torch
 
 from slmfast import backends
 from slmfast.functional import distill_loss, distill_loss_from_logits, topk_distill_loss
+from slmfast.ops import _loss_chunks as C
+from slmfast.ops import _loss_math as M
+from slmfast.ops import distill_loss as distill_ops
 from slmfast.ops.distill_loss import (
     distill_loss_from_logits_reference,
     distill_loss_reference,
@@ -320,6 +323,205 @@ def test_topk_matches_fp64_reference(dtype, tail, kind):
     assert_close("loss", got[0], base[0], exact[0])
     for name, a, b, c in zip(("dhidden", "dweight"), got[1], base[1], exact[1]):
         assert_close(name, a, b, c)
+
+
+# ---- bf16/fp16 on the CPU: the two-pass path (tile-by-tile weight gradient) ------------------
+
+# (N, V, chunk_size, two_pass sizes (C, Ct, Vt, R) with Hs = Ht = 16): one token, V = 83 in one
+# tile of 128 columns; 17 tokens in one pass-2 chunk, V = 130 = 64 + 64 + 2 columns; 150 tokens in
+# pass-1 chunks of 32 and pass-2 chunks of 64 (their tile gradient summed in float32), V = 300 =
+# 4 x 64 + 44.
+TWO_PASS_SHAPES = [(1, 83, None, (1, 1, 128, 1)), (17, 130, 8, (8, 17, 64, 17)),
+                   (150, 300, 32, (32, 64, 64, 64))]
+
+
+def _two_pass_calls(monkeypatch):
+    """The sizes of each C.two_pass call from here on (the tests check that the path ran)."""
+    calls, run = [], C.two_pass
+
+    def counted(*args, **kwargs):
+        calls.append(args[6])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(C, "two_pass", counted)
+    return calls
+
+
+def _two_pass_target(target, n):
+    """One token: not ignored. 150 tokens: rows 32-127 ignored as well (a whole pass-1 chunk and a
+    whole pass-2 chunk)."""
+    if n == 1:
+        target[0] = 5
+    if n == 150:
+        target[32:128] = -100
+    return target
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", range(3), ids=["N1-V83", "N17-V130", "N150-V300"])
+def test_two_pass_matches_fp64_reference(backend, dtype, kind, shape, monkeypatch):
+    """T = 2, a hard loss with ignored rows, both biases, and vocabulary padding: the teacher's
+    (N = 1), the student's (N = 17, reduction "sum"), both with vocab_size (N = 150)."""
+    n, v, chunk, sizes = TWO_PASS_SHAPES[shape]
+    device = device_for(backend)
+    vs, vt, vocab_size = [(v, v + 13, None), (v + 13, v, None), (v + 20, v + 7, v)][shape]
+    sh, sw, th, tw, target = _hidden_inputs(n, 16, 16, vs, vt, dtype, device, target_vocab=v)
+    target = _two_pass_target(target, n)
+    sb = (torch.randn(vs, device=device) * 0.5).to(dtype)
+    tb = (torch.randn(vt, device=device) * 0.5).to(dtype)
+    calls = _two_pass_calls(monkeypatch)
+    _check_hidden(backend, sh, sw, th, tw, target, sb=sb, tb=tb, chunk_size=chunk, kind=kind, beta=0.4,
+                  temperature=2.0, hard_weight=0.5, vocab_size=vocab_size,
+                  reduction="sum" if shape == 1 else "mean")
+    assert calls == ([sizes] if device.type == "cpu" else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("tail", ["none", "bucket"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", range(3), ids=["N1-V83-k6", "N17-V130-k130", "N150-V300-k6"])
+def test_topk_two_pass_matches_fp64_reference(dtype, tail, kind, shape, monkeypatch):
+    """T = 2, a hard loss with ignored rows, a bias; k = V at N = 17 (no tail: "bucket" is "none")."""
+    n, v, chunk, _ = TWO_PASS_SHAPES[shape]
+    k = v if shape == 1 else 6
+    sh, sw, _, ids, logprobs, target = _topk_inputs(n, 16, v, k, dtype, torch.device("cpu"))
+    target = _two_pass_target(target, n)
+    sb = (torch.randn(v) * 0.5).to(dtype)
+    options = dict(kind=kind, beta=0.3, temperature=2.0, hard_weight=0.5, target=target)
+    calls = _two_pass_calls(monkeypatch)
+    got = value_and_grads(lambda h, w, b: topk_distill_loss(h, w, ids, logprobs, tail=tail, chunk_size=chunk,
+                                                            student_bias=b, **options), sh, sw, sb)
+    base = value_and_grads(
+        lambda h, w, b: topk_distill_loss_reference(h @ w.t() + b, ids, logprobs, tail=tail, **options),
+        sh, sw, sb)
+    exact = value_and_grads(
+        lambda h, w, b: topk_distill_loss_reference(h.double() @ w.double().t() + b.double(), ids,
+                                                    logprobs.double(), tail=tail, **options), sh, sw, sb)
+    assert len(calls) == 1
+    assert_close("loss", got[0], base[0], exact[0])
+    for name, a, b, c in zip(("dhidden", "dweight", "dbias"), got[1], base[1], exact[1]):
+        assert a.dtype == dtype
+        assert_close(name, a, b, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_tile_gradient_equals_the_row_gradient(backend, kind):
+    """distill_loss's tile function (the teacher's logits of the tile from a padded weight with a
+    bias, then M.distill_tile_grad_ from the row stats of the backend's pass 1) writes on column
+    tiles, column for column, what the backend's one-pass row function writes on the full rows:
+    T = 2, a hard loss, a scale per row, ignored rows (one holding NaN: exactly 0)."""
+    device = device_for(backend)
+    n, vocab = 23, 250
+    sh, sw, th, tw, target = _hidden_inputs(n, 12, 10, vocab + 6, vocab + 10, torch.float32, device,
+                                            target_vocab=vocab)
+    sb, tb = torch.randn(vocab + 6, device=device), torch.randn(vocab + 10, device=device)
+    args = (M.resolve_kind("test", kind, 0.4), 0.4, 2.0, 0.5, -100)
+    logits = C.logits_of(sh, sw, sb, vocab)                                           # (N, V)
+    logits[4] = float("nan")  # an ignored row
+    teacher = C.logits_of(th, tw, tb, vocab)                                          # (N, V)
+    scale = torch.rand(n, device=device) + 0.5
+    expected = logits.clone()
+    C.distill_rows(backend, expected, teacher, target, scale, *args)
+    _, stats = distill_ops._distill_rows(backend, logits.clone(), teacher, target, None, *args,
+                                         with_stats=True)
+    tile_fn = distill_ops._distill_tile_fn(th, tw, tb, target, args)
+    got = logits.clone()
+    for c0 in range(0, vocab, 64):  # tiles of 64 columns, the last 58
+        got[:, c0:c0 + 64] = tile_fn(0, n, c0, got[:, c0:c0 + 64].contiguous(), stats, scale)
+    assert torch.equal(got[4], torch.zeros_like(got[4]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail", ["none", "bucket"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_tile_gradient_equals_the_row_gradient(tail, kind):
+    """M.topk_tile_grad_ on column tiles from topk_rows_torch's row stats writes what
+    topk_rows_torch writes on the full rows (ids spread over the tiles, T = 2, a hard loss, a scale
+    per row, ignored rows, one holding NaN)."""
+    n, v, k = 23, 250, 7
+    logits = torch.randn(n, v) * 3
+    logprobs, ids = torch.log_softmax(torch.randn(n, v, dtype=torch.float64) * 2, -1).topk(k, -1)
+    logprobs = logprobs.float()
+    target = torch.randint(0, v, (n,))
+    target[::4] = -100
+    logits[4] = float("nan")
+    scale = torch.rand(n) + 0.5
+    args = (M.resolve_kind("test", kind, 0.3), 0.3, 2.0, 0.5, -100)
+    expected = logits.clone()
+    M.topk_rows_torch(expected, ids, logprobs, target, scale, *args, tail)
+    _, stats = M.topk_rows_torch(logits.clone(), ids, logprobs, target, None, *args, tail, with_stats=True)
+    got = logits.clone()
+    for c0 in range(0, v, 64):
+        got[:, c0:c0 + 64] = M.topk_tile_grad_(got[:, c0:c0 + 64].contiguous(), ids, target, stats, scale, c0,
+                                               *args, M.topk_tail(tail, k, v))
+    assert torch.equal(got[4], torch.zeros_like(got[4]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_two_pass_all_ignored_rows_give_zeros(backend, reduction):
+    """Every row ignored: loss and gradients exactly 0 (no NaN), for both losses."""
+    device = device_for(backend)
+    sh, sw, th, tw, target = _hidden_inputs(17, 8, 8, 70, 70, torch.bfloat16, device)
+    target[:] = -100
+    sb = torch.randn(70, device=device).to(torch.bfloat16)
+    options = dict(hard_weight=0.5, temperature=2.0, reduction=reduction, chunk_size=8, target=target)
+    runs = [lambda h, w, b: distill_loss(h, w, th, tw, student_bias=b, backend=backend, kind="jsd",
+                                         **options)]
+    if backend == "torch":
+        ids = torch.randn(17, 70, device=device).topk(5, -1).indices
+        logprobs = torch.full((17, 5), -2.0, device=device, dtype=torch.bfloat16)
+        runs.append(lambda h, w, b: topk_distill_loss(h, w, ids, logprobs, tail="bucket", student_bias=b,
+                                                      **options))
+    for run in runs:
+        loss, grads = value_and_grads(run, sh, sw, sb)
+        assert loss.item() == 0.0
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op, backend", [("distill_loss", "torch"), ("distill_loss", "cpu"),
+                                         ("topk_distill_loss", "torch")])
+@pytest.mark.parametrize("path", ["two_pass", "one_pass_control"])
+def test_two_pass_allocates_no_float32_weight_sized_tensor(dtype, op, backend, path, monkeypatch):
+    """bf16/fp16 on the CPU: no tensor of V x H float32 (twice the weight gradient) at any point
+    of the forward and backward. The control forces the one-pass loop, whose float32 sum of grad_W
+    over chunks is one: the check sees it there."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if path == "one_pass_control":
+        monkeypatch.setattr(distill_ops, "_two_pass", lambda sh, grad_weight: False)
+    n, h, v = 64, 32, 2000
+    sh = torch.randn(n, h, dtype=dtype, requires_grad=True)
+    sw = (torch.randn(v, h) / h ** 0.5).to(dtype).requires_grad_()
+    sb = torch.randn(v, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    th, tw = torch.randn(n, h, dtype=dtype), (torch.randn(v, h) / h ** 0.5).to(dtype)
+    ids, logprobs = torch.randn(n, v).topk(8, -1).indices, torch.full((n, 8), -3.0, dtype=dtype)
+    options = dict(student_bias=sb, target=target, hard_weight=0.5, temperature=2.0, chunk_size=16,
+                   backend=backend)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        if op == "distill_loss":
+            loss = distill_loss(sh, sw, th, tw, kind="jsd", **options)
+        else:
+            loss = topk_distill_loss(sh, sw, ids, logprobs, tail="bucket", **options)
+        loss.backward()
+    sizes = {}  # the largest allocation of each aten op
+    for e in prof.events():
+        if e.name.startswith("aten::"):
+            sizes[e.name] = max(sizes.get(e.name, 0), e.cpu_memory_usage)
+    largest = max(sizes.values())
+    if path == "two_pass":
+        assert 0 < largest < v * h * 4, f"{max(sizes, key=sizes.get)} allocated {largest} bytes"
+    else:
+        assert largest >= v * h * 4
+    assert sw.grad.dtype == dtype and sb.grad is not None
 
 
 # ---- normalization, gradcheck, registration ---------------------------------------------

@@ -184,6 +184,17 @@ def test_two_pass_allocates_no_float32_weight_sized_tensor(dtype):
     assert weight.grad.dtype == dtype and bias.grad is not None
 
 
+def test_two_pass_runs_on_meta_with_tokens_summed_per_tile():
+    """N large against V (N = 300, V = 1000): pass 2 sums each tile's gradient over token chunks
+    (the C++ accumulation op, which has no meta kernel); on meta (slmfast memory's device) the
+    loop takes its shape-only fallback instead of failing."""
+    assert C.two_pass_sizes(300, 64, 1000)[1] < 300  # the summed path
+    h = torch.empty(300, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.empty(1000, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    linear_cross_entropy(h, w, torch.empty(300, device="meta", dtype=torch.long)).backward()
+    assert w.grad.shape == (1000, 64) and h.grad.shape == (300, 64)
+
+
 @pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
 def test_two_pass_saves_no_weight_gradient():
     """bf16 on the CPU: the forward keeps grad_hidden and 2 floats per token; the weight's
