@@ -154,6 +154,17 @@ def test_two_pass_empty_batch_gives_zero_gradients(backend, reduction):
 
 
 @pytest.mark.skipif(not backends.status("cpu").available, reason="cpu backend not built")
+def test_float32_chunks_keep_within_twice_their_share_of_the_floor():
+    """float32 on the CPU: a chunk's logits take at most 10% of the floor (2 (N + V) H elements)
+    even where the 256-row minimum would take more (large V at H = 1024), and 256 rows otherwise."""
+    cpu = torch.device("cpu")
+    for n, h, v in [(8192, 1024, 32768), (8192, 1024, 131072), (8192, 1024, 152064), (8192, 2048, 152064)]:
+        c = C.default_chunk_size(n, h, v, cpu, torch.float32)
+        assert c * v <= 2 * C.FLOOR_SLACK * 2 * (n + v) * h, (n, h, v, c)
+        assert c >= C.MIN_CHUNK_CPU_FLOAT or 2 * c * v > 2 * C.FLOOR_SLACK * 2 * (n + v) * h, (n, h, v, c)
+    assert C.default_chunk_size(8192, 1024, 32768, cpu, torch.float32) == 256
+
+
 def test_two_pass_sizes_keep_to_their_share_of_the_floor():
     for n, h, v in [(8192, 1024, 32768), (8192, 2048, 131072), (8192, 2048, 152064), (4096, 1024, 512)]:
         floor = 2 * (n + v) * h
