@@ -184,7 +184,6 @@ def _first_pass_setup(ctx, inputs, output):
     ctx.options = tuple(options[:4])  # ignore_index, label_smoothing, softcap, chunk_size
     ctx.backend = options[-1]
     ctx.needs = (ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-    ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, bias, target, scale, output[1], output[2])
     ctx.set_materialize_grads(False)  # (as _fused_setup: no zeros for grad_hidden's and stats' gradients)
 
@@ -350,12 +349,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         rows = torch.ops.slmfast_loss.linear_cross_entropy_rows(h, w, b, y, *options, name)
         return rows.to(loss_dtype(hidden, h)).reshape(target.shape)
     scale = M.mean_scale(OP, y != ignore_index, n, reduction, num_items, acc, h.device)
+    ops = torch.ops.slmfast_loss
     if not any(need):
-        loss = torch.ops.slmfast_loss.linear_cross_entropy_rows(h, w, b, y, *options, name).sum() * scale
+        loss = ops.linear_cross_entropy_rows(h, w, b, y, *options, name).sum() * scale
     elif C.uses_two_pass(h.device, h.dtype):
-        ops = torch.ops.slmfast_loss
         loss, *_ = ops.linear_cross_entropy_first_pass(h, w, b, y, scale, *options, need[0], name)
     else:
-        ops = torch.ops.slmfast_loss
         loss, *_ = ops.linear_cross_entropy_fused(h, w, b, y, scale, *options, *need, name)
     return loss.to(loss_dtype(hidden, h))
